@@ -1,0 +1,161 @@
+"""Run configuration: profile files, per-method and per-task overrides, command-line ``--set``.
+
+Resolution order, later wins::
+
+    TrainConfig defaults < profile.train < profile.tasks[task] < profile.methods[method]
+    < --set key=value < --set method.key=value
+
+A key that names a `TrainConfig` field sets training; any other key is a method hyperparameter
+and must be one the method declares in its ``defaults``.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+CONFIG_DIR = Path(__file__).parent / "configs"
+
+
+@dataclass
+class TrainConfig:
+    lr: float = 1e-4
+    epochs: float = 1.0
+    max_steps: int | None = None          # overrides epochs when set
+    batch_size: int = 32
+    grad_accum: int = 1                   # micro-batches per optimizer step
+    warmup_ratio: float = 0.06
+    weight_decay: float = 0.01
+    max_grad_norm: float | None = 1.0
+    max_length: int = 128
+    max_train_samples: int | None = None  # first N after a seeded shuffle
+    max_eval_samples: int | None = None
+    eval_batch_size: int = 64
+    seed: int = 42
+    merge_check_samples: int = 64
+    merge_tolerance: float = 1e-3         # largest |logit difference| accepted after merge
+
+
+TRAIN_KEYS = {f.name for f in dataclasses.fields(TrainConfig)}
+
+
+@dataclass
+class RunConfig:
+    method: str
+    task: str
+    model: str | None = None              # None: the task's default model
+    profile: str = "smoke"
+    device: str = "auto"
+    train: TrainConfig = field(default_factory=TrainConfig)
+    method_params: dict[str, Any] = field(default_factory=dict)
+    data_dir: str | None = None
+    output_dir: str = "results/runs"
+    save: bool = False
+
+    def identity(self) -> dict[str, Any]:
+        """What makes two runs the same run (a finished one is skipped on re-run)."""
+        return {"method": self.method, "task": self.task, "model": self.model,
+                "profile": self.profile, "train": dataclasses.asdict(self.train),
+                "method_params": self.method_params}
+
+    def run_id(self) -> str:
+        blob = json.dumps(self.identity(), sort_keys=True, default=str)
+        digest = hashlib.sha256(blob.encode()).hexdigest()[:10]
+        return f"{self.task.replace('/', '-')}__{self.method}__{digest}"
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "RunConfig":
+        d = dict(d)
+        d["train"] = TrainConfig(**d.get("train", {}))
+        return cls(**d)
+
+
+class ConfigError(ValueError):
+    """A profile, override or hyperparameter that cannot be used."""
+
+
+def available_profiles() -> list[str]:
+    return sorted(p.stem for p in (CONFIG_DIR / "profiles").glob("*.yaml"))
+
+
+def load_profile(name_or_path: str) -> dict[str, Any]:
+    path = Path(name_or_path)
+    if not path.suffix:
+        path = CONFIG_DIR / "profiles" / f"{name_or_path}.yaml"
+    if not path.exists():
+        raise ConfigError(f"unknown profile {name_or_path!r}; choose one of "
+                          f"{', '.join(available_profiles())} or give a YAML file path")
+    data = yaml.safe_load(path.read_text()) or {}
+    for key in data:
+        if key not in ("description", "train", "tasks", "methods"):
+            raise ConfigError(f"{path}: unknown section {key!r} (allowed: description, train, tasks, methods)")
+    return data
+
+
+def parse_value(text: str) -> Any:
+    """``--set`` values are YAML scalars: ``1e-3`` is a float, ``q,v`` stays a string."""
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+
+
+def parse_overrides(items: list[str]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for item in items or []:
+        if "=" not in item:
+            raise ConfigError(f"--set expects key=value, got {item!r}")
+        key, value = item.split("=", 1)
+        out[key.strip()] = parse_value(value.strip())
+    return out
+
+
+def _split(params: dict[str, Any], method_defaults: dict[str, Any], where: str,
+           method: str, strict: bool = True) -> tuple[dict[str, Any], dict[str, Any]]:
+    train, meth = {}, {}
+    for k, v in params.items():
+        if k in TRAIN_KEYS:
+            train[k] = v
+        elif k in method_defaults:
+            meth[k] = v
+        elif strict:
+            raise ConfigError(
+                f"{where}: {k!r} is neither a training setting ({', '.join(sorted(TRAIN_KEYS))}) "
+                f"nor a hyperparameter of method {method!r} ({', '.join(sorted(method_defaults)) or 'none'})")
+    return train, meth
+
+
+def resolve(method: str, task: str, method_defaults: dict[str, Any], profile: str = "smoke",
+            overrides: dict[str, Any] | None = None, **run_kwargs: Any) -> RunConfig:
+    """Build the full `RunConfig` of one (method, task) cell of a matrix."""
+    prof = load_profile(profile)
+    train: dict[str, Any] = {}
+    meth: dict[str, Any] = dict(method_defaults)
+    layers = [("profile train", prof.get("train") or {})]
+    for pattern, params in (prof.get("tasks") or {}).items():
+        if task == pattern or task.startswith(pattern.rstrip("/") + "/"):
+            layers.append((f"profile tasks.{pattern}", params or {}))
+    layers.append((f"profile methods.{method}", (prof.get("methods") or {}).get(method) or {}))
+    overrides = overrides or {}
+    layers.append(("--set", {k: v for k, v in overrides.items() if "." not in k}))
+    layers.append((f"--set {method}.*", {k.split(".", 1)[1]: v for k, v in overrides.items()
+                                         if k.startswith(method + ".")}))
+    for where, params in layers:
+        # A global --set of a method hyperparameter applies to the methods that have it.
+        t, m = _split(params, method_defaults, where, method, strict=where != "--set")
+        train.update(t)
+        meth.update(m)
+    try:
+        tc = TrainConfig(**train)
+    except TypeError as e:  # pragma: no cover - keys are checked above
+        raise ConfigError(str(e)) from e
+    return RunConfig(method=method, task=task, profile=profile, train=tc, method_params=meth,
+                     **run_kwargs)

@@ -1,0 +1,134 @@
+"""The method x task matrix: resolve every cell, skip finished ones, run the rest in isolation.
+
+Each run executes in a fresh Python process (``python -m harness.worker``) unless ``isolate`` is
+off: its peak-memory figure then belongs to it alone, and a crash, an out-of-memory kill or a
+hard abort in one run is recorded as that run's failure while the matrix goes on.
+"""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import tempfile
+from dataclasses import dataclass, field
+from typing import Any
+
+from harness.config import ConfigError, RunConfig, resolve
+from harness.plugins import UnknownMethodError, discover_methods
+from harness.records import finished, new_record, read_record, record_path, write_record
+
+
+@dataclass
+class Cell:
+    method: str
+    task: str
+    config: RunConfig | None = None
+    error: str | None = None
+
+
+@dataclass
+class MatrixPlan:
+    cells: list[Cell] = field(default_factory=list)
+    skipped_tasks: dict[str, str] = field(default_factory=dict)   # task -> why
+    defaults: dict[str, Any] = field(default_factory=dict)        # RunConfig fields of every cell
+
+
+def plan(methods: list[str], task_spec: str, profile: str, overrides: dict[str, Any],
+         **run_kwargs: Any) -> MatrixPlan:
+    """Expand the task spec, check data availability, resolve each (method, task) config."""
+    from tasks import TASKS, UnknownTaskError, expand, get_task
+
+    known = discover_methods()
+    out = MatrixPlan(defaults={"profile": profile, **run_kwargs})
+    task_names: list[str] = []
+    for item in (s.strip() for s in task_spec.split(",") if s.strip()):
+        try:
+            names = expand(item)
+        except UnknownTaskError as e:
+            out.skipped_tasks[item] = str(e)
+            continue
+        for name in names:
+            why = get_task(name).availability(run_kwargs.get("data_dir"))
+            # A task asked for by name runs (and fails with the data error); a group skips it.
+            if why is not None and item != name:
+                out.skipped_tasks[name] = why
+            elif name not in task_names:
+                task_names.append(name)
+    for key in (k for k in overrides if "." not in k):
+        from harness.config import TRAIN_KEYS
+
+        if key not in TRAIN_KEYS and not any(key in known[m].defaults for m in methods if m in known):
+            raise ConfigError(f"--set {key}: not a training setting nor a hyperparameter of "
+                              f"{', '.join(methods)}")
+    for task in task_names:
+        for method in methods:
+            cell = Cell(method, task)
+            if method not in known:
+                cell.error = str(UnknownMethodError(
+                    f"unknown method {method!r}; available: {', '.join(sorted(known))}"))
+            else:
+                try:
+                    cell.config = resolve(method, task, known[method].defaults, profile, overrides,
+                                          **run_kwargs)
+                except ConfigError as e:
+                    cell.error = f"ConfigError: {e}"
+            out.cells.append(cell)
+    assert all(t in TASKS for t in task_names)
+    return out
+
+
+def failed_record(cell: Cell, reason: str, defaults: dict[str, Any]) -> dict[str, Any]:
+    config = cell.config or RunConfig(method=cell.method, task=cell.task, **defaults)
+    record = new_record(config)
+    record.update(status="failed", reason=reason)
+    return record
+
+
+def run_cell(config: RunConfig, isolate: bool = True, progress: bool = True) -> dict[str, Any]:
+    if not isolate:
+        from harness.observers import default_observers
+        from harness.run import run_and_record
+
+        return run_and_record(config, default_observers(progress))
+    with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
+        json.dump(config.to_dict(), f)
+    cmd = [sys.executable, "-m", "harness.worker", f.name] + ([] if progress else ["--no-progress"])
+    proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=None, text=True)
+    path = record_path(config.output_dir, config.run_id())
+    try:
+        record = read_record(path)
+        if record.get("status") != "running" and proc.returncode == 0:
+            return record
+    except Exception:
+        pass
+    how = f"signal {-proc.returncode}" if proc.returncode < 0 else f"exit code {proc.returncode}"
+    record = new_record(config)
+    record.update(status="failed", reason=f"worker process died ({how}); "
+                  f"out of memory or a crash in native code; rerun with --no-isolate to debug")
+    write_record(record, config.output_dir)
+    return record
+
+
+def run_matrix(p: MatrixPlan, isolate: bool = True, force: bool = False, progress: bool = True,
+               log=print) -> list[dict[str, Any]]:
+    records = []
+    for i, cell in enumerate(p.cells, 1):
+        label = f"[{i}/{len(p.cells)}] {cell.method} on {cell.task}"
+        if cell.error is not None:
+            record = failed_record(cell, cell.error, p.defaults)
+            write_record(record, record["config"]["output_dir"])
+            log(f"{label}: failed: {cell.error}")
+            records.append(record)
+            continue
+        done = None if force else finished(cell.config.output_dir, cell.config.run_id())
+        if done is not None:
+            log(f"{label}: already done ({done['run_id']}), skipped")
+            records.append(done)
+            continue
+        log(f"{label} ...")
+        record = run_cell(cell.config, isolate=isolate, progress=progress)
+        if record["status"] != "ok":
+            log(f"{label}: {record['status']}: {record.get('reason')}")
+        records.append(record)
+    return records
+

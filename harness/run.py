@@ -1,0 +1,164 @@
+"""One run: load task and model, apply the method, train, evaluate, merge, check, record."""
+from __future__ import annotations
+
+import random
+import time
+import traceback
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from harness.config import RunConfig
+from harness.models import autocast_context, load_model, resolve_device
+from harness.measure import count_parameters
+from harness.plugins import get_method, make_manager
+from harness.records import new_record, write_record
+from harness.state import TrainState
+from harness.targets import resolve_targets
+from harness.train import Trainer, set_seed, to_device
+
+
+def _subset(items: list, n: int | None, seed: int) -> list:
+    if n is None or n >= len(items):
+        return list(items)
+    order = list(range(len(items)))
+    random.Random(seed).shuffle(order)
+    return [items[i] for i in sorted(order[:n])]
+
+
+def _batches(rows: list[dict], collate: Any, size: int):
+    for i in range(0, len(rows), size):
+        yield collate(rows[i:i + size])
+
+
+@torch.no_grad()
+def _logits(model: nn.Module, batches: list[dict[str, torch.Tensor]], device: torch.device) -> torch.Tensor:
+    model.eval()
+    return torch.cat([model(**to_device(b, device)).logits.float().cpu() for b in batches])
+
+
+def execute(config: RunConfig, observers: list[Any] = ()) -> dict[str, Any]:
+    """Run one configuration and return its record (status ``ok``); exceptions propagate."""
+    from tasks import get_task  # registers the built-in tasks
+
+    record = new_record(config)
+    t0 = time.perf_counter()
+    task = get_task(config.task)
+    method_cls = get_method(config.method)
+    method = method_cls(config.method_params)
+    pm = make_manager(method, observers)
+    device = resolve_device(config.device)
+    cfg = config.train
+    set_seed(cfg.seed)
+
+    # Data first: a missing or malformed file should fail before a slow model load.
+    train_examples = _subset(task.load(task.train_split, config.data_dir), cfg.max_train_samples, cfg.seed)
+    eval_examples = {s: _subset(task.load(s, config.data_dir), cfg.max_eval_samples, 0)
+                     for s in task.eval_splits}
+    if not train_examples:
+        raise ValueError(f"{config.task}: the training split is empty")
+
+    loaded = load_model(config.model or task.default_model, task.model_kind, num_labels=task.num_labels)
+    model, tok = loaded.model.to(device), loaded.tokenizer
+    record["model_path"] = loaded.path
+    plain_keys = set(model.state_dict().keys())
+    collate = task.collator(tok)
+    train_rows = task.encode(tok, train_examples, cfg.max_length)
+    eval_rows = {s: task.encode(tok, ex, cfg.max_length) for s, ex in eval_examples.items()}
+
+    targets = config.method_params.get("targets")
+    ctx = TrainState(config=config, device=device, targets=resolve_targets(loaded.model_type, targets)
+                     if _needs_targets(method) else [], head_names=loaded.head_names,
+                     model_type=loaded.model_type, task=task)
+
+    replaced = pm.hook.inject(model=model, ctx=ctx)
+    model = (replaced if replaced is not None else model).to(device)
+    for name, p in model.named_parameters():
+        if ctx.is_head(name):
+            p.requires_grad_(True)  # the task head trains for every method
+    counted = pm.hook.count_trainable(model=model, ctx=ctx)
+    params = count_parameters(model, ctx.is_head)
+    if counted is not None:
+        params.update(counted)
+    params["trainable"] = params["method"] + params["head"]
+    params["share"] = params["trainable"] / max(1, params["total"])
+    params["method_share"] = params["method"] / max(1, params["total"])
+    record["params"] = params
+
+    trainer = Trainer(model, pm, ctx, train_rows, collate)
+    record.update(trainer.fit())
+
+    t_eval = time.perf_counter()
+    model.eval()
+
+    def forward(batch: dict[str, torch.Tensor]) -> Any:
+        with autocast_context(device):
+            return model(**to_device(batch, device))
+
+    metrics: dict[str, float] = {}
+    for split, rows in eval_rows.items():
+        m = task.evaluate(model, _batches(rows, collate, cfg.eval_batch_size), forward)
+        suffix = "" if len(eval_rows) == 1 else "_" + split.removeprefix("dev_")
+        metrics.update({k + suffix: v for k, v in m.items()})
+    record["metrics"] = metrics
+    record["score"] = task.score(metrics)
+    record["eval_seconds"] = time.perf_counter() - t_eval
+    record["eval_samples"] = {s: len(r) for s, r in eval_rows.items()}
+    record["train_samples"] = len(train_rows)
+
+    # Merge, then check the plain model predicts what the adapted one did (fp32, no autocast).
+    first = next(iter(eval_rows.values()))[: cfg.merge_check_samples]
+    check = list(_batches(first, collate, cfg.eval_batch_size))
+    before = _logits(model, check, device)
+    merged = pm.hook.merge(model=model, ctx=ctx)
+    merge: dict[str, Any] = {"mergeable": merged is not None and method_cls.mergeable}
+    if merged is not None:
+        after = _logits(merged, check, device)
+        diff = float((after - before).abs().max())
+        agree = float((task.predictions(after) == task.predictions(before)).mean())
+        plain = set(merged.state_dict().keys()) == plain_keys
+        merge.update(max_abs_diff=diff, prediction_agreement=agree, plain=plain,
+                     ok=plain and diff <= cfg.merge_tolerance, samples=len(first))
+        if config.save:
+            out = Path(config.output_dir).parent / "models" / record["run_id"]
+            merged.save_pretrained(out)
+            tok.save_pretrained(out)
+            record["saved_model"] = str(out)
+    record["merge"] = merge
+    record["extras"] = {k: v for k, v in ctx.extras.items() if not k.startswith("_")}
+    record["wall_seconds"] = time.perf_counter() - t0
+    if merged is not None and not merge["ok"]:
+        record["status"] = "merge_mismatch"
+        record["reason"] = (f"merged model differs from the adapted one: max |diff| "
+                            f"{merge['max_abs_diff']:.2e} > {cfg.merge_tolerance:g}, plain={merge['plain']}")
+    else:
+        record["status"] = "ok"
+    return record
+
+
+def _needs_targets(method: Any) -> bool:
+    return "targets" in method.params
+
+
+def run_and_record(config: RunConfig, observers: list[Any] = ()) -> dict[str, Any]:
+    """`execute`, turning any failure into a recorded ``failed`` status; always writes the record."""
+    t0 = time.perf_counter()
+    try:
+        record = execute(config, observers)
+    except Exception as e:  # recorded, never lost: the matrix goes on
+        record = new_record(config)
+        record["status"] = "failed"
+        record["reason"] = f"{type(e).__name__}: {first_line(e)}"
+        record["traceback"] = traceback.format_exc(limit=20)
+        record["wall_seconds"] = time.perf_counter() - t0
+    write_record(record, config.output_dir)
+    return record
+
+
+def first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    if isinstance(e, KeyError) and text.startswith(("'", '"')):
+        text = text[1:-1]
+    return text.splitlines()[0] if text else type(e).__name__

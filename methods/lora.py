@@ -1,0 +1,45 @@
+"""LoRA (Hu et al., 2021, arXiv:2106.09685): a trainable low-rank update beside frozen weights.
+
+Each target linear computes ``h = W0 x + s * B A x`` with ``A: (r, in)``, ``B: (out, r)`` and
+``s = alpha / r`` (``alpha / sqrt(r)`` with ``rank_scaling: rs``, rsLoRA). Everything else in the
+backbone is frozen; the task head trains.
+
+Choices (as Hugging Face PEFT's code, which the paper's Gaussian init differs from): A is
+Kaiming-uniform with ``a = sqrt(5)``, B is zero, dropout only on the branch's input. Defaults
+r 8, alpha 16, dropout 0, targets ``qv`` (query and value, the paper's GLUE setting); ``targets``
+takes a preset (qv, attn, mlp, all, all-linear) or module-name suffixes, as PEFT's
+``target_modules``.
+
+Merge: ``W = W0 + s B A`` into the base weight (transposed for GPT-2's Conv1D); the returned model
+is the original architecture with no adapter module left.
+"""
+from __future__ import annotations
+
+from torch import nn
+
+from harness.hookspecs import hookimpl
+from harness.lowrank import LowRankLinear, inject_adapters, merge_adapters
+from harness.plugins import Method
+from harness.state import TrainState
+
+
+class LoRA(Method):
+    name = "lora"
+    summary = "low-rank update B A beside frozen linear weights"
+    defaults = {"r": 8, "alpha": 16, "dropout": 0.0, "targets": "qv", "rank_scaling": "standard"}
+
+    def make_layer(self, name: str, layer: nn.Module) -> LowRankLinear:
+        p = self.params
+        return LowRankLinear(layer, r=p["r"], alpha=p["alpha"], dropout=p["dropout"],
+                             rank_scaling=p["rank_scaling"])
+
+    @hookimpl
+    def inject(self, model: nn.Module, ctx: TrainState) -> None:
+        for p in model.parameters():
+            p.requires_grad_(False)
+        names = inject_adapters(model, ctx.targets, self.make_layer, exclude=ctx.head_names)
+        ctx.extras["adapted_modules"] = len(names)
+
+    @hookimpl
+    def merge(self, model: nn.Module, ctx: TrainState) -> nn.Module:
+        return merge_adapters(model)
