@@ -25,7 +25,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     quiet_libraries()
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     if not methods:
-        return _err("--methods is empty; e.g. --methods lora,full (see `harness list methods`)")
+        return _err("--methods is empty; e.g. --methods METHOD,METHOD (see `harness list methods`)")
     try:
         overrides = parse_overrides(args.set)
         p = plan(methods, args.task, args.profile, overrides, model=args.model, device=args.device,
@@ -94,13 +94,13 @@ def build_parser() -> argparse.ArgumentParser:
     sub = ap.add_subparsers(dest="command", required=True)
 
     run = sub.add_parser("run", help="train and evaluate a method x task matrix")
-    run.add_argument("--methods", required=True, help="comma-separated, e.g. lora,full")
+    run.add_argument("--methods", required=True, help="comma-separated method names (see `harness list methods`)")
     run.add_argument("--task", required=True, help="task or group, e.g. glue or glue/rte")
     run.add_argument("--profile", default="smoke", help=f"one of {', '.join(available_profiles())} or a YAML path")
     run.add_argument("--model", default=None, help="hub id, local directory or alias (default: the task's)")
     run.add_argument("--device", default="auto", help="auto (CUDA if present), cpu, cuda, cuda:1")
     run.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                     help="override a setting: lr=1e-3 (all methods) or lora.r=16 (one method)")
+                     help="override a setting: lr=1e-3 (all methods) or METHOD.KEY=VALUE (one method)")
     run.add_argument("--data-dir", default=None, help="local data root (default: $HARNESS_DATA_DIR)")
     run.add_argument("--output-dir", default="results/runs", help="where run records go")
     run.add_argument("--save", action="store_true", help="also save each merged model (save_pretrained)")

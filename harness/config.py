@@ -102,6 +102,11 @@ def load_profile(name_or_path: str) -> dict[str, Any]:
 
 def parse_value(text: str) -> Any:
     """``--set`` values are YAML scalars: ``1e-3`` is a float, ``q,v`` stays a string."""
+    for cast in (int, float):  # YAML 1.1 reads 5e-4 (no dot) as a string
+        try:
+            return cast(text)
+        except ValueError:
+            pass
     try:
         return yaml.safe_load(text)
     except yaml.YAMLError:
@@ -153,6 +158,14 @@ def resolve(method: str, task: str, method_defaults: dict[str, Any], profile: st
         t, m = _split(params, method_defaults, where, method, strict=where != "--set")
         train.update(t)
         meth.update(m)
+    for key, value in list(train.items()):
+        # Numbers from YAML files may arrive as strings ("5e-4"); refuse anything else early.
+        kind = TrainConfig.__dataclass_fields__[key].type
+        if isinstance(value, str) and ("float" in kind or "int" in kind):
+            try:
+                train[key] = float(value) if "float" in kind else int(value)
+            except ValueError:
+                raise ConfigError(f"{key} must be a number, got {value!r}") from None
     try:
         tc = TrainConfig(**train)
     except TypeError as e:  # pragma: no cover - keys are checked above

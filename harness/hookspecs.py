@@ -40,8 +40,9 @@ def inject(model: "nn.Module", ctx: "TrainState") -> "nn.Module | None":
     training device and every parameter still trainable. The method freezes what it does not train
     and adds its modules. ``ctx.method_params`` holds its resolved hyperparameters, ``ctx.targets``
     the architecture's target module names, ``ctx.head_names`` the task head's parameter prefixes
-    (the head trains for every method). Return a replacement model, or None when it changed
-    ``model`` in place.
+    (the head trains for every method); ``ctx.train_batches()`` and ``ctx.compute_loss`` are
+    available for probes that choose what to train from data. Return a replacement model, or None
+    when it changed ``model`` in place.
     """
 
 

@@ -136,10 +136,21 @@ def merge_adapters(model: nn.Module) -> nn.Module:
     return model
 
 
+def resolve_steps(value: float, total_steps: int) -> int:
+    """A step count given either absolutely (``value >= 1``) or as a fraction of the run (``< 1``).
+
+    Schedules written for paper-length runs (thousands of steps) must shrink with our short ones;
+    a fraction keeps one default meaningful for both.
+    """
+    if value < 0:
+        raise ValueError(f"a step count cannot be negative, got {value}")
+    return int(round(value * total_steps)) if value < 1 else int(value)
+
+
 def _parent(model: nn.Module, name: str) -> tuple[nn.Module, str]:
     path, _, attr = name.rpartition(".")
     return (model.get_submodule(path) if path else model), attr
 
 
 __all__ = ["AdaptedLinear", "LowRankLinear", "inject_adapters", "adapted_modules",
-           "merge_adapters", "base_weight", "layer_dims", "is_linear"]
+           "merge_adapters", "base_weight", "layer_dims", "is_linear", "resolve_steps"]

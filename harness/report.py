@@ -94,8 +94,11 @@ def summary_frame(df: pd.DataFrame, method_order: list[str] | None = None) -> pd
         out.loc[m, "samples/s"] = round(sub["samples_per_s"].mean(), 1) if len(sub) else None
         out.loc[m, "tokens/s"] = round(sub["tokens_per_s"].mean(), 0) if len(sub) else None
         diffs = sub["merge_max_abs_diff"].dropna()
-        out.loc[m, "merge max |diff|"] = (f"{diffs.max():.1e}" if len(diffs) else
-                                          ("not mergeable into weights" if len(sub) else None))
+        mergeable = bool(sub["mergeable"].fillna(False).all()) if len(sub) else None
+        text = f"{diffs.max():.1e}" if len(diffs) else ""
+        if mergeable is False:  # said, not hidden: the table's reader compares like with like
+            text = "not mergeable into weights" + (f" (cached: {text})" if text else "")
+        out.loc[m, "merge max |diff|"] = text or None
         failed = int((~df[df["method"] == m]["status"].isin(["ok"])).sum())
         out.loc[m, "runs failed"] = failed
     out.index.name = "method"
@@ -144,7 +147,8 @@ def write_reports(records: list[dict[str, Any]], out_dir: str | Path,
     notes = "\n".join(f"- {f}" for f in failures(runs))
     paths["summary_md"].write_text(
         "# Results\n\nTask metrics in percent (dev split). method params: the method's own trainable "
-        "parameters (task head excluded); trainable %: method + head as a share of all parameters; "
+        "parameters (task head excluded; a masked tensor counts only its unmasked entries); "
+        "trainable %: method + head as a share of all parameters; "
         "peak mem: largest over tasks; samples/s, tokens/s: training throughput, mean over tasks.\n\n"
         + to_markdown(summary) + "\n" + (f"\nNot ok:\n{notes}\n" if notes else ""))
     summary.to_csv(paths["summary_csv"])

@@ -17,7 +17,7 @@ from harness.plugins import get_method, make_manager
 from harness.records import new_record, write_record
 from harness.state import TrainState
 from harness.targets import resolve_targets
-from harness.train import Trainer, set_seed, to_device
+from harness.train import Trainer, attach_probes, set_seed, to_device
 
 
 def _subset(items: list, n: int | None, seed: int) -> list:
@@ -73,6 +73,7 @@ def execute(config: RunConfig, observers: list[Any] = ()) -> dict[str, Any]:
                      if _needs_targets(method) else [], head_names=loaded.head_names,
                      model_type=loaded.model_type, task=task)
 
+    attach_probes(ctx, train_rows, collate)  # methods may select weights from data in inject
     replaced = pm.hook.inject(model=model, ctx=ctx)
     model = (replaced if replaced is not None else model).to(device)
     for name, p in model.named_parameters():
@@ -113,6 +114,9 @@ def execute(config: RunConfig, observers: list[Any] = ()) -> dict[str, Any]:
     check = list(_batches(first, collate, cfg.eval_batch_size))
     before = _logits(model, check, device)
     merged = pm.hook.merge(model=model, ctx=ctx)
+    # mergeable: folds into the original weights. A method that cannot (prompts, routers) may
+    # still return an inference-only model (a cached prompt as a buffer): it is checked the same
+    # way, but need not have the original architecture's keys.
     merge: dict[str, Any] = {"mergeable": merged is not None and method_cls.mergeable}
     if merged is not None:
         after = _logits(merged, check, device)
@@ -120,7 +124,8 @@ def execute(config: RunConfig, observers: list[Any] = ()) -> dict[str, Any]:
         agree = float((task.predictions(after) == task.predictions(before)).mean())
         plain = set(merged.state_dict().keys()) == plain_keys
         merge.update(max_abs_diff=diff, prediction_agreement=agree, plain=plain,
-                     ok=plain and diff <= cfg.merge_tolerance, samples=len(first))
+                     ok=(plain or not method_cls.mergeable) and diff <= cfg.merge_tolerance,
+                     samples=len(first))
         if config.save:
             out = Path(config.output_dir).parent / "models" / record["run_id"]
             merged.save_pretrained(out)

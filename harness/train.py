@@ -54,6 +54,26 @@ def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str,
     return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
 
 
+def attach_probes(ctx: TrainState, train_rows: list[dict], collate: Any) -> None:
+    """Give methods ``ctx.train_batches()`` and ``ctx.compute_loss`` for their own probes.
+
+    The runner calls this before ``inject`` too, so a method can choose what to train from data
+    (gradient scores, a short probe run) before the trainable-parameter count is taken.
+    """
+    def train_batches() -> Iterator[dict[str, torch.Tensor]]:
+        # Fixed order, on the device: a probe, not the training stream.
+        loader = DataLoader(train_rows, batch_size=ctx.train.batch_size, shuffle=False,
+                            collate_fn=collate)
+        for batch in loader:
+            yield to_device(batch, ctx.device)
+
+    def compute_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        with autocast_context(ctx.device):
+            return model(**batch).loss
+
+    ctx.train_batches, ctx.compute_loss = train_batches, compute_loss
+
+
 class Trainer:
     """Runs one (method, task) training: optimizer, schedule, accumulation, clipping, hooks."""
 
@@ -69,22 +89,9 @@ class Trainer:
         self.warmup = int(cfg.warmup_ratio * ctx.total_steps)
         self.collate = collate
         self.train_rows = train_rows
-        ctx.train_batches = self._probe_batches
-        ctx.compute_loss = self._loss
+        attach_probes(ctx, train_rows, collate)
         ctx._rebuild = self._rebuild_optimizer
         self.optimizer: torch.optim.Optimizer | None = None
-
-    # -- helpers that methods may use through the context -------------------------------------
-    def _probe_batches(self) -> Iterator[dict[str, torch.Tensor]]:
-        """Training batches in a fixed order, on the device (for probes; not the training stream)."""
-        loader = DataLoader(self.train_rows, batch_size=self.ctx.train.batch_size,
-                            shuffle=False, collate_fn=self.collate)
-        for batch in loader:
-            yield to_device(batch, self.ctx.device)
-
-    def _loss(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        with autocast_context(self.ctx.device):
-            return model(**batch).loss
 
     # -- optimizer ----------------------------------------------------------------------------
     def _groups(self) -> list[dict[str, Any]]:

@@ -137,8 +137,8 @@ class GlueTask(Task):
         fa, fb = self.hub_fields
         return [Example(r[fa], r[fb] if fb else None, r["label"]) for r in ds]
 
-    def _missing(self, split: str) -> str:
-        root = data_root(None)
+    def _missing(self, split: str, data_dir: str | None = None) -> str:
+        root = data_root(data_dir)
         where = f"{root}/glue/{self.short}/{split}.tsv" if root else \
             f"$HARNESS_DATA_DIR/glue/{self.short}/{split}.tsv (HARNESS_DATA_DIR is not set)"
         return (f"no {split} data for {self.name}. Put GLUE's {self.folder}/{split}.tsv at {where} "
@@ -153,8 +153,8 @@ class GlueTask(Task):
             try:
                 return self.load_hub(split)
             except Exception as e:  # network, auth, missing config
-                raise DataUnavailable(f"{self._missing(split)}; the hub load failed: {e}") from e
-        raise DataUnavailable(self._missing(split))
+                raise DataUnavailable(f"{self._missing(split, data_dir)}; the hub load failed: {e}") from e
+        raise DataUnavailable(self._missing(split, data_dir))
 
     def availability(self, data_dir: str | None = None) -> str | None:
         missing = [s for s in (self.train_split, *self.eval_splits) if self.local_file(s, data_dir) is None]
@@ -162,7 +162,7 @@ class GlueTask(Task):
             return None
         if self.hub_allowed():
             return None  # load() will try the hub and report a failure as the run's reason
-        return self._missing(missing[0])
+        return self._missing(missing[0], data_dir)
 
 
 @register_task
