@@ -89,6 +89,21 @@ def cmd_list(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    from harness.export import ExportError, export_peft
+    from harness.observers import quiet_libraries
+
+    quiet_libraries()
+    out = args.out or str(Path(args.run_dir) / "peft")
+    try:
+        path = export_peft(args.run_dir, out)
+    except ExportError as e:
+        return _err(str(e))
+    print(f"wrote {path}/adapter_config.json and adapter_model.safetensors; load with "
+          f"PeftModel.from_pretrained(base_model, {str(path)!r})")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="harness", description=__doc__)
     sub = ap.add_subparsers(dest="command", required=True)
@@ -114,6 +129,12 @@ def build_parser() -> argparse.ArgumentParser:
     rep.add_argument("--report-dir", default=None, help="where tables go (default: beside the records)")
     rep.add_argument("--profile", default=None, help="only runs of this profile")
     rep.set_defaults(func=cmd_report)
+
+    ex = sub.add_parser("export", help="write a saved run's adapter in another library's format")
+    ex.add_argument("run_dir", help="a run saved with --save: results/models/<run_id>")
+    ex.add_argument("--format", choices=["peft"], default="peft")
+    ex.add_argument("--out", default=None, help="output folder (default: RUN_DIR/peft)")
+    ex.set_defaults(func=cmd_export)
 
     ls = sub.add_parser("list", help="list methods, tasks or profiles")
     ls.add_argument("what", choices=["methods", "tasks", "profiles"])

@@ -109,3 +109,16 @@ def count_trainable(model: "nn.Module", ctx: "TrainState") -> "dict[str, int] | 
     ``requires_grad``, split into the task head and the rest. Methods that train only part of a
     tensor (masks) answer here so that the table counts what moves, not what is allocated.
     """
+
+
+@hookspec(firstresult=True)
+def export_peft(model: "nn.Module", ctx: "TrainState") -> "dict[str, Any] | None":
+    """Describe the trained adapter in Hugging Face PEFT's format, or None if PEFT has none.
+
+    Called by ``harness export`` on the adapted model (before any merge), rebuilt from a saved
+    run. Return ``{"config": {...}, "tensors": {name: tensor}}``: ``config`` holds the
+    ``adapter_config.json`` fields of the method (``peft_type``, ``r``, ``target_modules``, ...),
+    ``tensors`` the adapter weights keyed by module path as PEFT names them without the
+    ``base_model.model.`` prefix and without the adapter name (``...query.lora_A.weight``). The
+    core adds the task head (``modules_to_save``), the task type and the prefix.
+    """

@@ -34,6 +34,19 @@ def _rss_status(field: str) -> int | None:
     return None
 
 
+def _release_freed_memory() -> None:
+    """Return memory freed before training (data loading, probes) to the OS, so that the
+    resident-set baseline and peak describe training, not the allocator's leftovers."""
+    import ctypes
+    import gc
+
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: nothing to trim
+        pass
+
+
 @dataclass
 class PeakMemory:
     device: torch.device
@@ -46,6 +59,7 @@ class PeakMemory:
             torch.cuda.reset_peak_memory_stats(self.device)
             self.baseline_bytes = torch.cuda.memory_allocated(self.device)
             return
+        _release_freed_memory()
         try:
             with open("/proc/self/clear_refs", "w") as f:
                 f.write("5")

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import random
 import time
+from dataclasses import dataclass, field
 import traceback
 from pathlib import Path
 from typing import Any
@@ -14,6 +15,7 @@ from harness.config import RunConfig
 from harness.models import autocast_context, load_model, resolve_device
 from harness.measure import count_parameters
 from harness.plugins import get_method, make_manager
+from harness.export import save_adapter_state, trained_state
 from harness.records import new_record, write_record
 from harness.state import TrainState
 from harness.targets import resolve_targets
@@ -39,12 +41,27 @@ def _logits(model: nn.Module, batches: list[dict[str, torch.Tensor]], device: to
     return torch.cat([model(**to_device(b, device)).logits.float().cpu() for b in batches])
 
 
-def execute(config: RunConfig, observers: list[Any] = ()) -> dict[str, Any]:
-    """Run one configuration and return its record (status ``ok``); exceptions propagate."""
+@dataclass
+class Prepared:
+    """A run up to the start of training: data encoded, model loaded, method injected."""
+    config: RunConfig
+    task: Any
+    method_cls: type
+    pm: Any
+    ctx: TrainState
+    model: nn.Module
+    loaded: Any
+    collate: Any
+    plain_keys: set[str]
+    train_rows: list[dict] = field(default_factory=list)
+    eval_rows: dict[str, list[dict]] = field(default_factory=dict)
+    params: dict[str, Any] = field(default_factory=dict)
+
+
+def prepare(config: RunConfig, observers: list[Any] = (), with_data: bool = True) -> Prepared:
+    """Everything before training; ``with_data=False`` skips the data (rebuilding a saved run)."""
     from tasks import get_task  # registers the built-in tasks
 
-    record = new_record(config)
-    t0 = time.perf_counter()
     task = get_task(config.task)
     method_cls = get_method(config.method)
     method = method_cls(config.method_params)
@@ -53,19 +70,20 @@ def execute(config: RunConfig, observers: list[Any] = ()) -> dict[str, Any]:
     cfg = config.train
     set_seed(cfg.seed)
 
-    # Data first: a missing or malformed file should fail before a slow model load.
-    train_examples = _subset(task.load(task.train_split, config.data_dir), cfg.max_train_samples, cfg.seed)
-    eval_examples = {s: _subset(task.load(s, config.data_dir), cfg.max_eval_samples, 0)
-                     for s in task.eval_splits}
-    if not train_examples:
-        raise ValueError(f"{config.task}: the training split is empty")
+    train_examples, eval_examples = [], {}
+    if with_data:
+        # Data first: a missing or malformed file should fail before a slow model load.
+        train_examples = _subset(task.load(task.train_split, config.data_dir), cfg.max_train_samples, cfg.seed)
+        eval_examples = {s: _subset(task.load(s, config.data_dir), cfg.max_eval_samples, 0)
+                         for s in task.eval_splits}
+        if not train_examples:
+            raise ValueError(f"{config.task}: the training split is empty")
 
     loaded = load_model(config.model or task.default_model, task.model_kind, num_labels=task.num_labels)
     model, tok = loaded.model.to(device), loaded.tokenizer
-    record["model_path"] = loaded.path
     plain_keys = set(model.state_dict().keys())
     collate = task.collator(tok)
-    train_rows = task.encode(tok, train_examples, cfg.max_length)
+    train_rows = task.encode(tok, train_examples, cfg.max_length) if train_examples else []
     eval_rows = {s: task.encode(tok, ex, cfg.max_length) for s, ex in eval_examples.items()}
 
     targets = config.method_params.get("targets")
@@ -86,7 +104,20 @@ def execute(config: RunConfig, observers: list[Any] = ()) -> dict[str, Any]:
     params["trainable"] = params["method"] + params["head"]
     params["share"] = params["trainable"] / max(1, params["total"])
     params["method_share"] = params["method"] / max(1, params["total"])
-    record["params"] = params
+    return Prepared(config, task, method_cls, pm, ctx, model, loaded, collate, plain_keys,
+                    train_rows, eval_rows, params)
+
+
+def execute(config: RunConfig, observers: list[Any] = ()) -> dict[str, Any]:
+    """Run one configuration and return its record (status ``ok``); exceptions propagate."""
+    record = new_record(config)
+    t0 = time.perf_counter()
+    p = prepare(config, observers)
+    task, method_cls, pm, ctx, model = p.task, p.method_cls, p.pm, p.ctx, p.model
+    train_rows, eval_rows, collate, plain_keys = p.train_rows, p.eval_rows, p.collate, p.plain_keys
+    tok, device, cfg = p.loaded.tokenizer, ctx.device, config.train
+    record["model_path"] = p.loaded.path
+    record["params"] = p.params
 
     trainer = Trainer(model, pm, ctx, train_rows, collate)
     record.update(trainer.fit())
@@ -113,6 +144,8 @@ def execute(config: RunConfig, observers: list[Any] = ()) -> dict[str, Any]:
     first = next(iter(eval_rows.values()))[: cfg.merge_check_samples]
     check = list(_batches(first, collate, cfg.eval_batch_size))
     before = _logits(model, check, device)
+    # What `harness export` needs to rebuild the adapted model (merge may fold it in place).
+    adapter_state = trained_state(model, plain_keys) if config.save else None
     merged = pm.hook.merge(model=model, ctx=ctx)
     # mergeable: folds into the original weights. A method that cannot (prompts, routers) may
     # still return an inference-only model (a cached prompt as a buffer): it is checked the same
@@ -131,6 +164,7 @@ def execute(config: RunConfig, observers: list[Any] = ()) -> dict[str, Any]:
             merged.save_pretrained(out)
             tok.save_pretrained(out)
             record["saved_model"] = str(out)
+            save_adapter_state(adapter_state, config, out)
     record["merge"] = merge
     record["extras"] = {k: v for k, v in ctx.extras.items() if not k.startswith("_")}
     record["wall_seconds"] = time.perf_counter() - t0

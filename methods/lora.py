@@ -11,14 +11,17 @@ takes a preset (qv, attn, mlp, all, all-linear) or module-name suffixes, as PEFT
 ``target_modules``.
 
 Merge: ``W = W0 + s B A`` into the base weight (transposed for GPT-2's Conv1D); the returned model
-is the original architecture with no adapter module left.
+is the original architecture with no adapter module left. Export: PEFT's ``LORA`` format
+(``lora_A``/``lora_B`` per module), which ``PeftModel.from_pretrained`` loads.
 """
 from __future__ import annotations
+
+from typing import Any
 
 from torch import nn
 
 from harness.hookspecs import hookimpl
-from harness.lowrank import LowRankLinear, inject_adapters, merge_adapters
+from harness.lowrank import LowRankLinear, adapted_modules, inject_adapters, merge_adapters
 from harness.plugins import Method
 from harness.state import TrainState
 
@@ -43,3 +46,19 @@ class LoRA(Method):
     @hookimpl
     def merge(self, model: nn.Module, ctx: TrainState) -> nn.Module:
         return merge_adapters(model)
+
+    def peft_config(self, names: list[str], ctx: TrainState) -> dict[str, Any]:
+        p = self.params
+        return {"peft_type": "LORA", "r": p["r"], "lora_alpha": p["alpha"],
+                "lora_dropout": p["dropout"], "use_rslora": p["rank_scaling"] == "rs",
+                "target_modules": names, "bias": "none", "use_dora": False,
+                "fan_in_fan_out": ctx.model_type == "gpt2", "init_lora_weights": True}
+
+    @hookimpl
+    def export_peft(self, model: nn.Module, ctx: TrainState) -> dict[str, Any]:
+        layers = dict(adapted_modules(model))
+        tensors = {}
+        for name, layer in layers.items():
+            tensors[f"{name}.lora_A.weight"] = layer.A
+            tensors[f"{name}.lora_B.weight"] = layer.B
+        return {"config": self.peft_config(sorted(layers), ctx), "tensors": tensors}
