@@ -73,6 +73,7 @@ def export_peft(run_dir: str | Path, out_dir: str | Path) -> Path:
         raise ExportError(f"method {ctx.config.method!r} has no Hugging Face PEFT format; "
                           f"use the merged model saved in {run_dir} instead")
     tensors = {PEFT_PREFIX + k: v.detach().cpu().contiguous() for k, v in answer["tensors"].items()}
+    tensors.update({k: v.detach().cpu().contiguous() for k, v in answer.get("absolute_tensors", {}).items()})
     heads = [h for h in ctx.head_names]
     for name, p in model.named_parameters():
         if ctx.is_head(name):

@@ -119,6 +119,7 @@ def export_peft(model: "nn.Module", ctx: "TrainState") -> "dict[str, Any] | None
     run. Return ``{"config": {...}, "tensors": {name: tensor}}``: ``config`` holds the
     ``adapter_config.json`` fields of the method (``peft_type``, ``r``, ``target_modules``, ...),
     ``tensors`` the adapter weights keyed by module path as PEFT names them without the
-    ``base_model.model.`` prefix and without the adapter name (``...query.lora_A.weight``). The
-    core adds the task head (``modules_to_save``), the task type and the prefix.
+    ``base_model.model.`` prefix and without the adapter name (``...query.lora_A.weight``);
+    optionally ``absolute_tensors`` with full keys (tensors PEFT keeps outside the wrapped model).
+    The core adds the task head (``modules_to_save``), the task type and the prefix.
     """

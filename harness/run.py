@@ -97,15 +97,20 @@ def prepare(config: RunConfig, observers: list[Any] = (), with_data: bool = True
     for name, p in model.named_parameters():
         if ctx.is_head(name):
             p.requires_grad_(True)  # the task head trains for every method
-    counted = pm.hook.count_trainable(model=model, ctx=ctx)
+    return Prepared(config, task, method_cls, pm, ctx, model, loaded, collate, plain_keys,
+                    train_rows, eval_rows, count_trainable(model, pm, ctx))
+
+
+def count_trainable(model: nn.Module, pm: Any, ctx: TrainState) -> dict[str, Any]:
+    """Trainable elements (the method's answer where it has one), with shares of the total."""
     params = count_parameters(model, ctx.is_head)
+    counted = pm.hook.count_trainable(model=model, ctx=ctx)
     if counted is not None:
         params.update(counted)
     params["trainable"] = params["method"] + params["head"]
     params["share"] = params["trainable"] / max(1, params["total"])
     params["method_share"] = params["method"] / max(1, params["total"])
-    return Prepared(config, task, method_cls, pm, ctx, model, loaded, collate, plain_keys,
-                    train_rows, eval_rows, params)
+    return params
 
 
 def execute(config: RunConfig, observers: list[Any] = ()) -> dict[str, Any]:
@@ -121,6 +126,12 @@ def execute(config: RunConfig, observers: list[Any] = ()) -> dict[str, Any]:
 
     trainer = Trainer(model, pm, ctx, train_rows, collate)
     record.update(trainer.fit())
+    # Count again: methods that restructure during training (a sampling phase that drops
+    # layers) train a different set than inject made; the table reports what trained at the end.
+    final = count_trainable(model, pm, ctx)
+    if (final["method"], final["head"]) != (p.params["method"], p.params["head"]):
+        record["params_at_start"] = p.params
+        record["params"] = final
 
     t_eval = time.perf_counter()
     model.eval()

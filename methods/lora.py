@@ -54,11 +54,13 @@ class LoRA(Method):
                 "target_modules": names, "bias": "none", "use_dora": False,
                 "fan_in_fan_out": ctx.model_type == "gpt2", "init_lora_weights": True}
 
+    def peft_tensors(self, name: str, layer: nn.Module) -> dict[str, Any]:
+        return {f"{name}.lora_A.weight": layer.A, f"{name}.lora_B.weight": layer.B}
+
     @hookimpl
     def export_peft(self, model: nn.Module, ctx: TrainState) -> dict[str, Any]:
         layers = dict(adapted_modules(model))
-        tensors = {}
+        tensors: dict[str, Any] = {}
         for name, layer in layers.items():
-            tensors[f"{name}.lora_A.weight"] = layer.A
-            tensors[f"{name}.lora_B.weight"] = layer.B
+            tensors.update(self.peft_tensors(name, layer))
         return {"config": self.peft_config(sorted(layers), ctx), "tensors": tensors}

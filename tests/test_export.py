@@ -30,12 +30,15 @@ def _saved_run(tmp_path, method: str, params: dict) -> tuple:
     return p
 
 
-@pytest.mark.parametrize("method,params", [("lora", {"r": 4}), ("lora", {"r": 4, "rank_scaling": "rs"})])
-def test_peft_loads_export_and_matches(tmp_path, method, params):
+@pytest.mark.parametrize("method,params,peft_type", [
+    ("lora", {"r": 4}, "LORA"), ("lora", {"r": 4, "rank_scaling": "rs"}, "LORA"),
+    ("lora_plus", {"r": 4}, "LORA"), ("dora", {"r": 4}, "LORA"), ("vera", {"r": 16}, "VERA"), ("adalora", {}, "ADALORA"),
+])
+def test_peft_loads_export_and_matches(tmp_path, method, params, peft_type):
     p = _saved_run(tmp_path, method, params)
     out = export_peft(tmp_path / "run", tmp_path / "peft")
     cfg = json.loads((out / "adapter_config.json").read_text())
-    assert cfg["peft_type"] == "LORA" and cfg["task_type"] == "SEQ_CLS"
+    assert cfg["peft_type"] == peft_type and cfg["task_type"] == "SEQ_CLS"
 
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
@@ -54,6 +57,12 @@ def test_rebuild_restores_the_adapted_model(tmp_path):
     mine = dict(adapted_modules(p.model))
     for name, layer in adapted_modules(again.model):
         assert torch.equal(layer.B, mine[name].B)
+
+
+def test_method_without_peft_format_says_so(tmp_path):
+    _saved_run(tmp_path, "full", {})
+    with pytest.raises(ExportError, match="'full' has no Hugging Face PEFT format"):
+        export_peft(tmp_path / "run", tmp_path / "peft")
 
 
 def test_not_a_saved_run_is_a_clear_error(tmp_path):
