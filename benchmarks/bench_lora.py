@@ -216,7 +216,7 @@ def main() -> None:
     print(f"  our LoRA / PEFT LoRA, saved activations:  "
           f"{memory['bare']['saved_activations_mib'] / memory['peft']['saved_activations_mib']:.3f}")
     print(f"  harness loop / bare loop, step time (overhead): {med['harness'] / med['bare']:.3f}")
-    print(f"  per-round step ms: " + "; ".join(f"{k} {[round(t * 1000, 1) for t in v]}" for k, v in times.items()))
+    print("  per-round step ms: " + "; ".join(f"{k} {[round(t * 1000, 1) for t in v]}" for k, v in times.items()))
 
 
 if __name__ == "__main__":

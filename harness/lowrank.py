@@ -122,6 +122,16 @@ def inject_adapters(model: nn.Module, targets: list[str],
     return names
 
 
+def freeze_and_inject(model: nn.Module, ctx, factory: Callable[[str, nn.Module], AdaptedLinear]) -> list[str]:
+    """The usual ``inject`` of an adapter method: freeze the backbone, wrap ``ctx.targets`` (never
+    the task head), and record how many modules were adapted."""
+    for p in model.parameters():
+        p.requires_grad_(False)
+    names = inject_adapters(model, ctx.targets, factory, exclude=ctx.head_names)
+    ctx.extras["adapted_modules"] = len(names)
+    return names
+
+
 def adapted_modules(model: nn.Module) -> Iterator[tuple[str, AdaptedLinear]]:
     for name, module in model.named_modules():
         if isinstance(module, AdaptedLinear):
@@ -152,5 +162,5 @@ def _parent(model: nn.Module, name: str) -> tuple[nn.Module, str]:
     return (model.get_submodule(path) if path else model), attr
 
 
-__all__ = ["AdaptedLinear", "LowRankLinear", "inject_adapters", "adapted_modules",
+__all__ = ["AdaptedLinear", "LowRankLinear", "inject_adapters", "freeze_and_inject", "adapted_modules",
            "merge_adapters", "base_weight", "layer_dims", "is_linear", "resolve_steps"]

@@ -50,7 +50,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from harness.hookspecs import hookimpl
-from harness.lowrank import AdaptedLinear, adapted_modules, inject_adapters, merge_adapters, resolve_steps
+from harness.lowrank import (AdaptedLinear, adapted_modules, freeze_and_inject, merge_adapters,
+                             resolve_steps)
 from harness.plugins import Method
 from harness.state import TrainState
 
@@ -118,10 +119,7 @@ class AdaLoRA(Method):
         if not 0 < self.params["target_r"] <= self.params["r_init"]:
             raise ValueError(f"adalora needs 0 < target_r <= r_init, got target_r="
                              f"{self.params['target_r']}, r_init={self.params['r_init']}")
-        for p in model.parameters():
-            p.requires_grad_(False)
-        names = inject_adapters(model, ctx.targets, self.make_layer, exclude=ctx.head_names)
-        ctx.extras["adapted_modules"] = len(names)
+        freeze_and_inject(model, ctx, self.make_layer)
 
     @hookimpl
     def on_train_start(self, model: nn.Module, ctx: TrainState) -> None:

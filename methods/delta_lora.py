@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 from harness.hookspecs import hookimpl
-from harness.lowrank import (LowRankLinear, adapted_modules, base_weight, inject_adapters,
+from harness.lowrank import (LowRankLinear, adapted_modules, base_weight, freeze_and_inject,
                              merge_adapters, resolve_steps)
 from harness.plugins import Method
 from harness.state import TrainState
@@ -75,10 +75,7 @@ class DeltaLoRA(Method):
 
     @hookimpl
     def inject(self, model: nn.Module, ctx: TrainState) -> None:
-        for p in model.parameters():
-            p.requires_grad_(False)
-        names = inject_adapters(model, ctx.targets, self.make_layer, exclude=ctx.head_names)
-        ctx.extras["adapted_modules"] = len(names)
+        freeze_and_inject(model, ctx, self.make_layer)
 
     def _layers(self, model: nn.Module) -> list[DeltaLoRALinear]:
         return [m for _, m in adapted_modules(model) if isinstance(m, DeltaLoRALinear)]

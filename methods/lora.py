@@ -21,7 +21,7 @@ from typing import Any
 from torch import nn
 
 from harness.hookspecs import hookimpl
-from harness.lowrank import LowRankLinear, adapted_modules, inject_adapters, merge_adapters
+from harness.lowrank import LowRankLinear, adapted_modules, freeze_and_inject, merge_adapters
 from harness.plugins import Method
 from harness.state import TrainState
 
@@ -38,10 +38,7 @@ class LoRA(Method):
 
     @hookimpl
     def inject(self, model: nn.Module, ctx: TrainState) -> None:
-        for p in model.parameters():
-            p.requires_grad_(False)
-        names = inject_adapters(model, ctx.targets, self.make_layer, exclude=ctx.head_names)
-        ctx.extras["adapted_modules"] = len(names)
+        freeze_and_inject(model, ctx, self.make_layer)
 
     @hookimpl
     def merge(self, model: nn.Module, ctx: TrainState) -> nn.Module:

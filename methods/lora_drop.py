@@ -39,7 +39,7 @@ import torch
 from torch import nn
 
 from harness.hookspecs import hookimpl
-from harness.lowrank import LowRankLinear, adapted_modules, inject_adapters, merge_adapters
+from harness.lowrank import LowRankLinear, adapted_modules, freeze_and_inject, merge_adapters
 from harness.plugins import Method
 from harness.state import TrainState
 
@@ -114,10 +114,7 @@ class LoRADrop(Method):
 
     @hookimpl
     def inject(self, model: nn.Module, ctx: TrainState) -> None:
-        for p in model.parameters():
-            p.requires_grad_(False)
-        names = inject_adapters(model, ctx.targets, self.make_layer, exclude=ctx.head_names)
-        ctx.extras["adapted_modules"] = len(names)
+        freeze_and_inject(model, ctx, self.make_layer)
 
     @hookimpl
     def on_train_start(self, model: nn.Module, ctx: TrainState) -> None:

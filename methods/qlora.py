@@ -37,7 +37,7 @@ import torch
 from torch import nn
 
 from harness.hookspecs import hookimpl
-from harness.lowrank import LowRankLinear, adapted_modules, base_weight, inject_adapters, merge_adapters
+from harness.lowrank import LowRankLinear, adapted_modules, base_weight, freeze_and_inject, merge_adapters
 from harness.plugins import Method
 from harness.state import TrainState
 
@@ -135,10 +135,7 @@ class QLoRA(Method):
     @hookimpl
     def inject(self, model: nn.Module, ctx: TrainState) -> None:
         _bnb()  # fail before touching the model when bitsandbytes is missing
-        for p in model.parameters():
-            p.requires_grad_(False)
-        names = inject_adapters(model, ctx.targets, self.make_layer, exclude=ctx.head_names)
-        ctx.extras["adapted_modules"] = len(names)
+        freeze_and_inject(model, ctx, self.make_layer)
         ctx.extras.update(self.memory(model, ctx))
 
     def memory(self, model: nn.Module, ctx: TrainState) -> dict[str, float]:
