@@ -9,8 +9,8 @@ dtype and adds LoRA's ``s * B A x``; only A, B (and the task head) train.
 Choices:
 - Quantisation is bitsandbytes' own (``bnb.nn.Linear4bit``, ``quant_type="nf4"``,
   ``compress_statistics=True``, blocks 64/256); it runs on the CPU as well as on CUDA
-  (checked with bitsandbytes 0.50). Install it with ``pip install -e '.[qlora]'``; without it the
-  method fails at injection with that instruction.
+  (checked with bitsandbytes 0.50), a dependency of the package; where it is missing the
+  method fails at injection with an instruction to install it.
 - Compute dtype is the base weight's original dtype (fp32 in our runs); biases, norms and
   embeddings stay unquantised in their dtype, as the paper keeps norms in fp32.
 - Defaults as the paper: LoRA on every linear but the task head (``targets: all-linear``),
@@ -49,7 +49,7 @@ def _bnb() -> Any:
         import bitsandbytes as bnb
     except ImportError as e:  # pragma: no cover - depends on the environment
         raise ImportError("qlora needs bitsandbytes for its NF4 base weights: "
-                          "pip install -e '.[qlora]' (or pip install bitsandbytes)") from e
+                          "pip install bitsandbytes") from e
     return bnb
 
 
