@@ -100,6 +100,16 @@ class LowRankLinear(AdaptedLinear):
         x = self.dropout(x).to(self.A.dtype)
         return F.linear(F.linear(x, self.A), self.B) * self.scale
 
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.base(x)
+        z = F.linear(self.dropout(x).to(self.A.dtype), self.A)
+        # One fused GEMM, out + s * z B^T: no output-sized temporaries for the scaling and the
+        # sum (an unfused branch allocates two), and autograd keeps only z (rank r) and B.
+        flat = out.reshape(-1, out.shape[-1])
+        fused = torch.addmm(flat, z.reshape(-1, self.r).to(flat.dtype), self.B.T.to(flat.dtype),
+                            alpha=self.scale)
+        return fused.view(out.shape)
+
     def delta_weight(self) -> torch.Tensor:
         return (self.B @ self.A) * self.scale
 
