@@ -85,11 +85,7 @@ class DoRA(LoRA):
     name = "dora"
     summary = "LoRA on the direction plus a trainable per-row magnitude (W' = m V / ||V||)"
     defaults = dict(LoRA.defaults)
-
-    def make_layer(self, name: str, layer: nn.Module) -> DoRALinear:
-        p = self.params
-        return DoRALinear(layer, r=p["r"], alpha=p["alpha"], dropout=p["dropout"],
-                          rank_scaling=p["rank_scaling"])
+    layer_class = DoRALinear
 
     # Export: PEFT's LORA format with use_dora, the magnitude under its own key.
     def peft_config(self, names: list[str], ctx: TrainState) -> dict[str, Any]:

@@ -31,10 +31,12 @@ class LoRA(Method):
     summary = "low-rank update B A beside frozen linear weights"
     defaults = {"r": 8, "alpha": 16, "dropout": 0.0, "targets": "qv", "rank_scaling": "standard"}
 
+    layer_class: type[LowRankLinear] = LowRankLinear  # variants swap the layer, keep the rest
+
     def make_layer(self, name: str, layer: nn.Module) -> LowRankLinear:
         p = self.params
-        return LowRankLinear(layer, r=p["r"], alpha=p["alpha"], dropout=p["dropout"],
-                             rank_scaling=p["rank_scaling"])
+        return self.layer_class(layer, r=p["r"], alpha=p["alpha"], dropout=p["dropout"],
+                                rank_scaling=p["rank_scaling"])
 
     @hookimpl
     def inject(self, model: nn.Module, ctx: TrainState) -> None:

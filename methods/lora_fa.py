@@ -34,8 +34,4 @@ class LoRAFA(LoRA):
     name = "lora_fa"
     summary = "LoRA with A frozen at its random init; only B trains (less activation memory)"
     defaults = dict(LoRA.defaults)
-
-    def make_layer(self, name: str, layer: nn.Module) -> FrozenALowRankLinear:
-        p = self.params
-        return FrozenALowRankLinear(layer, r=p["r"], alpha=p["alpha"], dropout=p["dropout"],
-                                    rank_scaling=p["rank_scaling"])
+    layer_class = FrozenALowRankLinear
