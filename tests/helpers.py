@@ -11,7 +11,7 @@ from harness.config import RunConfig, TrainConfig
 from harness.plugins import get_method, make_manager
 from harness.state import TrainState
 from harness.targets import resolve_targets
-from harness.train import Trainer
+from harness.train import Trainer, attach_probes
 
 
 def tiny_bert(num_labels: int = 2, seed: int = 0) -> nn.Module:
@@ -59,9 +59,14 @@ def make_ctx(model: nn.Module, method: str, params: dict[str, Any] | None = None
 
 
 def apply_method(model: nn.Module, method: str, params: dict[str, Any] | None = None,
-                 observers: list[Any] = (), **train: Any):
-    """inject + head unfreeze, as the core does; returns (model, ctx, plugin manager)."""
+                 observers: list[Any] = (), data: list[dict[str, Any]] | None = None, **train: Any):
+    """inject + head unfreeze, as the core does; returns (model, ctx, plugin manager).
+
+    ``data``: training rows for methods that choose what to train from data in ``inject``
+    (attached as the runner does, through the context's probes)."""
     ctx = make_ctx(model, method, params, **train)
+    if data is not None:
+        attach_probes(ctx, data, collate)
     pm = make_manager(get_method(method)(ctx.config.method_params), list(observers))
     replaced = pm.hook.inject(model=model, ctx=ctx)
     model = replaced if replaced is not None else model

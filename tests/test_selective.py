@@ -10,7 +10,6 @@ from torch import nn
 from harness.config import RunConfig, TrainConfig
 from harness.hookspecs import hookimpl
 from harness.measure import optimizer_state_bytes
-from harness.plugins import get_method, make_manager
 from harness.state import TrainState
 from harness.train import Trainer, attach_probes
 from helpers import apply_method, batch, collate, make_ctx, rows, snapshot, tiny_bert, tiny_gpt2, tiny_llama
@@ -43,18 +42,10 @@ def bert4(seed: int = 0) -> nn.Module:
 
 def apply_with_data(model: nn.Module, method: str, params: dict[str, Any] | None = None,
                     n_rows: int = 32, observers: list[Any] = (), **train: Any):
-    """As helpers.apply_method, but with the data probes attached before inject (as the runner
-    does), which the data-driven selections need."""
+    """helpers.apply_method with training rows attached, which the data-driven selections need."""
     train = {"batch_size": 8, "lr": 1e-2, "warmup_ratio": 0.0, **train}
-    ctx = make_ctx(model, method, params, **train)
     data = rows(n_rows)
-    attach_probes(ctx, data, collate)
-    pm = make_manager(get_method(method)(ctx.config.method_params), list(observers))
-    replaced = pm.hook.inject(model=model, ctx=ctx)
-    model = replaced if replaced is not None else model
-    for name, p in model.named_parameters():
-        if ctx.is_head(name):
-            p.requires_grad_(True)
+    model, ctx, pm = apply_method(model, method, params, observers, data=data, **train)
     return model, ctx, pm, data
 
 
