@@ -7,6 +7,7 @@ hard abort in one run is recorded as that run's failure while the matrix goes on
 from __future__ import annotations
 
 import json
+import signal
 import subprocess
 import sys
 import tempfile
@@ -101,12 +102,24 @@ def run_cell(config: RunConfig, isolate: bool = True, progress: bool = True) -> 
             return record  # the worker recorded its own outcome, failures included
     except Exception:
         pass
-    how = f"signal {-proc.returncode}" if proc.returncode < 0 else f"exit code {proc.returncode}"
     record = new_record(config)
-    record.update(status="failed", reason=f"worker process died ({how}); "
-                  f"out of memory or a crash in native code; rerun with --no-isolate to debug")
+    record.update(status="failed", reason=f"worker process died ({_death(proc.returncode)}); "
+                  f"rerun with --no-isolate to see the error")
     write_record(record, config.output_dir)
     return record
+
+
+def _death(returncode: int) -> str:
+    if returncode >= 0:
+        return f"exit code {returncode} without a record: a crash in native code?"
+    sig = -returncode
+    try:
+        name = signal.Signals(sig).name
+    except ValueError:
+        name = f"signal {sig}"
+    hint = {signal.SIGKILL: ": often the out-of-memory killer", signal.SIGTERM: ": stopped from outside",
+            signal.SIGSEGV: ": a crash in native code"}.get(sig, "")
+    return f"killed by {name}{hint}"
 
 
 def run_matrix(p: MatrixPlan, isolate: bool = True, force: bool = False, progress: bool = True,
