@@ -15,7 +15,7 @@ from harness.train import Trainer, attach_probes
 from helpers import apply_method, batch, collate, make_ctx, rows, snapshot, tiny_bert, tiny_gpt2, tiny_llama
 from methods._masking import MaskedTraining
 from methods.lisa import find_blocks
-from methods.neft import lora_budget, select_rows
+from methods.neft import lora_budget, neuron_weights, select_rows
 from methods.sparse_fisher import empirical_fisher, global_topk_masks, split_examples
 
 
@@ -215,6 +215,10 @@ def test_neft_budget_is_lora_count_and_counts_rows():
     assert counted["method"] == sum(int(m.sum()) for m in masks.values())
     # Stops at the first row that would exceed the budget; the longest row has 64 entries.
     assert lora_n - 64 < counted["method"] <= lora_n
+    # Candidates are the blocks' linears: never the pooler (it sits under the fresh head and
+    # would take the whole budget) nor the head.
+    assert masks and all(".encoder.layer." in n for n in masks), sorted(masks)
+    assert not any("pooler" in n for n in neuron_weights(model, ctx))
 
 
 # -- LISA -------------------------------------------------------------------------------------
