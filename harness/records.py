@@ -44,6 +44,22 @@ def versions() -> dict[str, str]:
     return out
 
 
+def _load_avg() -> float | None:
+    try:
+        return round(os.getloadavg()[0], 2)
+    except OSError:  # not available on this platform
+        return None
+
+
+def host_info() -> dict[str, Any]:
+    """Where the run ran. Speed figures are only comparable between runs with the same threads
+    and a quiet machine: the 1-minute load average at start and end shows whether others ran."""
+    import torch
+
+    return {"machine": platform.machine(), "cpus": os.cpu_count(),
+            "torch_threads": torch.get_num_threads(), "load_avg_1m_start": _load_avg()}
+
+
 def new_record(config: RunConfig) -> dict[str, Any]:
     return {
         "schema_version": SCHEMA_VERSION,
@@ -56,7 +72,7 @@ def new_record(config: RunConfig) -> dict[str, Any]:
         "config": config.to_dict(),
         "versions": versions(),
         "git_commit": git_commit(),
-        "host": {"machine": platform.machine(), "cpus": os.cpu_count()},
+        "host": host_info(),
         "started_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
     }
 
@@ -68,6 +84,8 @@ def record_path(output_dir: str | os.PathLike, run_id: str) -> Path:
 def write_record(record: dict[str, Any], output_dir: str | os.PathLike) -> Path:
     """Write via a temporary file and rename, so a reader never sees half a record."""
     record.setdefault("finished_at", _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"))
+    if isinstance(record.get("host"), dict) and record.get("status") != "running":
+        record["host"].setdefault("load_avg_1m_end", _load_avg())
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
     path = record_path(out, record["run_id"])

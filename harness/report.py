@@ -19,7 +19,8 @@ ABBREV = {"accuracy": "acc", "matthews": "mcc", "pearson": "pearson", "spearman"
 def runs_frame(records: list[dict[str, Any]]) -> pd.DataFrame:
     rows = []
     for r in records:
-        thr, mem, par, mrg = (r.get(k) or {} for k in ("throughput", "memory", "params", "merge"))
+        thr, mem, par, mrg, host = (r.get(k) or {} for k in ("throughput", "memory", "params", "merge",
+                                                               "host"))
         row = {
             "method": r["method"], "task": r["task"], "profile": r.get("profile"),
             "status": r.get("status"), "reason": r.get("reason"),
@@ -32,6 +33,9 @@ def runs_frame(records: list[dict[str, Any]]) -> pd.DataFrame:
             "samples_per_s": thr.get("samples_per_s"), "tokens_per_s": thr.get("tokens_per_s"),
             "step_time_ms": thr.get("step_time_ms"), "train_seconds": thr.get("train_seconds"),
             "wall_seconds": r.get("wall_seconds"),
+            # Speed is comparable only between runs on equally quiet machines with equal threads.
+            "torch_threads": host.get("torch_threads"),
+            "load_avg_1m_end": host.get("load_avg_1m_end"),
             "mergeable": mrg.get("mergeable"), "merge_max_abs_diff": mrg.get("max_abs_diff"),
             "run_id": r.get("run_id"), "finished_at": r.get("finished_at"),
         }
