@@ -37,8 +37,18 @@ def _batches(rows: list[dict], collate: Any, size: int):
 
 @torch.no_grad()
 def _logits(model: nn.Module, batches: list[dict[str, torch.Tensor]], device: torch.device) -> torch.Tensor:
+    """Logits as rows: one per example (classification), one per real token (language models:
+    padded positions dropped, so batches of different lengths concatenate)."""
     model.eval()
-    return torch.cat([model(**to_device(b, device)).logits.float().cpu() for b in batches])
+    out = []
+    for b in batches:
+        logits = model(**to_device(b, device)).logits.float().cpu()
+        if logits.dim() == 3:
+            mask = b.get("attention_mask")
+            logits = logits[mask.bool()] if mask is not None and mask.shape == logits.shape[:2] \
+                else logits.reshape(-1, logits.shape[-1])
+        out.append(logits)
+    return torch.cat(out)
 
 
 @dataclass
@@ -141,11 +151,21 @@ def execute(config: RunConfig, observers: list[Any] = ()) -> dict[str, Any]:
             return model(**to_device(batch, device))
 
     metrics: dict[str, float] = {}
+    artifacts: dict[str, str | bytes] = {}
     for split, rows in eval_rows.items():
         m = task.evaluate(model, _batches(rows, collate, cfg.eval_batch_size), forward)
         suffix = "" if len(eval_rows) == 1 else "_" + split.removeprefix("dev_")
         metrics.update({k + suffix: v for k, v in m.items()})
+        for name, content in task.take_artifacts().items():
+            artifacts[f"{split}-{name}"] = content
     record["metrics"] = metrics
+    if artifacts:  # beside the record: <output_dir>/<run_id>/<split>-<name>
+        folder = Path(config.output_dir) / record["run_id"]
+        folder.mkdir(parents=True, exist_ok=True)
+        for name, content in artifacts.items():
+            path = folder / name
+            path.write_bytes(content) if isinstance(content, bytes) else path.write_text(content)
+        record["artifacts"] = sorted(str(folder / n) for n in artifacts)
     record["score"] = task.score(metrics)
     record["eval_seconds"] = time.perf_counter() - t_eval
     record["eval_samples"] = {s: len(r) for s, r in eval_rows.items()}

@@ -109,6 +109,15 @@ class Task:
             labels.append(batch["labels"].cpu().numpy())
         return self.compute_metrics(np.concatenate(preds), np.concatenate(labels))
 
+    def take_artifacts(self) -> dict[str, str | bytes]:
+        """Files the last `evaluate` produced for people to read (generations, pictures), by file
+        name; the runner writes them beside the run record and forgets them here."""
+        out, self._artifacts = getattr(self, "_artifacts", {}), {}
+        return out
+
+    def add_artifact(self, name: str, content: str | bytes) -> None:
+        self._artifacts = {**getattr(self, "_artifacts", {}), name: content}
+
     def score(self, metrics: dict[str, float]) -> float:
         """One number per task: the mean of its metrics (the GLUE leaderboard convention)."""
         return float(np.mean(list(metrics.values())))
