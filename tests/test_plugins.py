@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from harness.plugins import UnknownMethodError, discover_methods, get_method
+from harness.plugins import BrokenMethodError, UnknownMethodError, discover_methods, get_method
 from helpers import changed, snapshot, tiny_bert, train
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -55,6 +55,24 @@ def test_third_party_method_is_discovered_and_trains(third_party):
     model, ctx, pm, _ = train(model, third_party, n_rows=16, max_steps=2)
     moved = changed(before, model)
     assert moved and all(ctx.is_head(n) for n in moved)
+
+
+def test_broken_plugin_is_skipped_and_named_when_asked_for(tmp_path, monkeypatch):
+    """One plugin that fails to import must not take the other methods down with it."""
+    (tmp_path / "broken_peft.py").write_text("raise ImportError('needs a library that is absent')\n")
+    dist = tmp_path / "broken_peft-1.0.dist-info"
+    dist.mkdir()
+    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: broken-peft\nVersion: 1.0\n")
+    (dist / "entry_points.txt").write_text("[harness.methods]\nbroken = broken_peft:Broken\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    with pytest.warns(UserWarning, match="method plugin 'broken' skipped"):
+        methods = discover_methods()
+    assert "broken" not in methods and {"full", "lora"} <= set(methods)
+    assert get_method("lora").name == "lora"
+    with pytest.raises(BrokenMethodError, match="'broken' is registered but cannot be used: "
+                                                "broken_peft:Broken failed to import: ImportError"):
+        get_method("broken")
+    sys.modules.pop("broken_peft", None)
 
 
 def test_builtin_methods_are_entry_points():
