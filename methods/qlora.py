@@ -65,7 +65,14 @@ def _quantize(layer: nn.Module) -> nn.Module:
                                  compress_statistics=True, blocksize=BLOCK_SIZE)
     if bias is not None:
         q.bias = nn.Parameter(bias.detach().clone(), requires_grad=False)
-    return q.to(w.device)  # moving to a device is what quantises the weight in bitsandbytes
+    q = q.to(w.device)  # moving to a device is what quantises the weight in bitsandbytes
+    # bitsandbytes >= 0.49 on a CPU with AVX512-BF16 re-packs the weight at the first no-grad
+    # eval forward, with its absmax rounded to bf16: evaluation would then compute with another
+    # weight than training and the merge (and it fails outright for in_features < 64). Keep the
+    # one NF4 weight everywhere.
+    if hasattr(q, "support_avx512bf16_for_cpu"):
+        q.support_avx512bf16_for_cpu = False
+    return q
 
 
 def dequantized_weight(q: nn.Module) -> torch.Tensor:
