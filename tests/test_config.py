@@ -14,7 +14,7 @@ LORA = get_method("lora").defaults
 
 def test_resolution_order_profile_task_method_cli():
     c = resolve("lora", "glue/rte", LORA, "quick")
-    assert c.train.max_length == 128 and c.train.epochs == 3      # profile tasks.glue/rte
+    assert c.train.max_length == 128 and c.train.epochs == 1      # profile tasks.glue/rte over train (64)
     assert c.train.lr == pytest.approx(2e-3)                      # profile methods.lora
     c = resolve("lora", "glue/rte", LORA, "quick", parse_overrides(["lr=1e-3", "lora.lr=5e-4", "lora.r=4"]))
     assert c.train.lr == pytest.approx(5e-4) and c.method_params["r"] == 4
