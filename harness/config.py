@@ -3,10 +3,15 @@
 Resolution order, later wins::
 
     TrainConfig defaults < profile.train < profile.tasks[task] < profile.methods[method]
-    < --set key=value < --set method.key=value
+    < profile.tasks[task].methods[method] < --set key=value < --set method.key=value
 
-A key that names a `TrainConfig` field sets training; any other key is a method hyperparameter
-and must be one the method declares in its ``defaults``.
+(``tasks[task].methods`` is for settings one method needs on one suite only, e.g. a learning rate
+for language modelling that differs from the GLUE one.)
+
+A key that names a `TrainConfig` field sets training; a key the method declares in its ``defaults``
+is a method hyperparameter; a key the task declares in its ``options`` (``tasks.base.Task``) is a
+task option (what a suite evaluates, e.g. the long-context suite's passkey lengths). Anything else
+is refused.
 """
 from __future__ import annotations
 
@@ -39,6 +44,9 @@ class TrainConfig:
     seed: int = 42
     merge_check_samples: int = 64
     merge_tolerance: float = 1e-3         # largest |logit difference| accepted after merge
+    # Training tensor memory every run must fit in ("2GiB", "1500MiB", "2GB", bytes; None: no
+    # budget); harness.budget picks the micro-batch (same effective batch) to fit it.
+    memory_budget: str | None = None
 
 
 TRAIN_KEYS = {f.name for f in dataclasses.fields(TrainConfig)}
@@ -53,15 +61,25 @@ class RunConfig:
     device: str = "auto"
     train: TrainConfig = field(default_factory=TrainConfig)
     method_params: dict[str, Any] = field(default_factory=dict)
+    task_params: dict[str, Any] = field(default_factory=dict)   # the task's declared options
     data_dir: str | None = None
     output_dir: str = "results/runs"
     save: bool = False
+    # Data-parallel processes training this one run (harness.distributed; launched with accelerate).
+    processes: int = 1
 
     def identity(self) -> dict[str, Any]:
         """What makes two runs the same run (a finished one is skipped on re-run)."""
-        return {"method": self.method, "task": self.task, "model": self.model,
-                "profile": self.profile, "train": dataclasses.asdict(self.train),
-                "method_params": self.method_params}
+        train = dataclasses.asdict(self.train)
+        if train.get("memory_budget") is None:  # only when set: older run ids stay as they were
+            train.pop("memory_budget", None)
+        ident = {"method": self.method, "task": self.task, "model": self.model,
+                 "profile": self.profile, "train": train, "method_params": self.method_params}
+        if self.task_params:  # only when set: run ids of tasks without options stay as they were
+            ident["task_params"] = self.task_params
+        if self.processes > 1:  # measured differently (throughput, memory per device): its own run
+            ident["processes"] = self.processes
+        return ident
 
     def run_id(self) -> str:
         blob = json.dumps(self.identity(), sort_keys=True, default=str)
@@ -124,18 +142,35 @@ def parse_overrides(items: list[str]) -> dict[str, Any]:
 
 
 def _split(params: dict[str, Any], method_defaults: dict[str, Any], where: str,
-           method: str, strict: bool = True) -> tuple[dict[str, Any], dict[str, Any]]:
-    train, meth = {}, {}
+           method: str, strict: bool = True, task_options: dict[str, Any] | None = None,
+           ) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
+    train, meth, task = {}, {}, {}
+    task_options = task_options or {}
     for k, v in params.items():
         if k in TRAIN_KEYS:
             train[k] = v
         elif k in method_defaults:
             meth[k] = v
+        elif k in task_options:
+            task[k] = v
         elif strict:
+            opts = f"; task options: {', '.join(sorted(task_options))}" if task_options else ""
             raise ConfigError(
                 f"{where}: {k!r} is neither a training setting ({', '.join(sorted(TRAIN_KEYS))}) "
-                f"nor a hyperparameter of method {method!r} ({', '.join(sorted(method_defaults)) or 'none'})")
-    return train, meth
+                f"nor a hyperparameter of method {method!r} ({', '.join(sorted(method_defaults)) or 'none'})"
+                + opts)
+    return train, meth, task
+
+
+def task_options(task: str) -> dict[str, Any]:
+    """The options a registered task declares (``{}`` for unknown names, e.g. tests' synthetic)."""
+    from tasks import task_class  # registers the built-in tasks; tasks never import this module
+
+    try:
+        cls = task_class(task)  # builds a family member (multitask/sst2+rte) on first use
+    except KeyError:
+        cls = None
+    return dict(getattr(cls, "options", {}) or {}) if cls is not None else {}
 
 
 def resolve(method: str, task: str, method_defaults: dict[str, Any], profile: str = "smoke",
@@ -144,20 +179,30 @@ def resolve(method: str, task: str, method_defaults: dict[str, Any], profile: st
     prof = load_profile(profile)
     train: dict[str, Any] = {}
     meth: dict[str, Any] = dict(method_defaults)
+    options = task_options(task)
+    task_params: dict[str, Any] = {}
     layers = [("profile train", prof.get("train") or {})]
+    task_method_layers = []
     for pattern, params in (prof.get("tasks") or {}).items():
         if task == pattern or task.startswith(pattern.rstrip("/") + "/"):
-            layers.append((f"profile tasks.{pattern}", params or {}))
+            params = dict(params or {})
+            per_method = params.pop("methods", None) or {}
+            layers.append((f"profile tasks.{pattern}", params))
+            task_method_layers.append((f"profile tasks.{pattern}.methods.{method}",
+                                       per_method.get(method) or {}))
     layers.append((f"profile methods.{method}", (prof.get("methods") or {}).get(method) or {}))
+    layers += task_method_layers
     overrides = overrides or {}
     layers.append(("--set", {k: v for k, v in overrides.items() if "." not in k}))
     layers.append((f"--set {method}.*", {k.split(".", 1)[1]: v for k, v in overrides.items()
                                          if k.startswith(method + ".")}))
     for where, params in layers:
         # A global --set of a method hyperparameter applies to the methods that have it.
-        t, m = _split(params, method_defaults, where, method, strict=where != "--set")
+        t, m, o = _split(params, method_defaults, where, method, strict=where != "--set",
+                         task_options=options)
         train.update(t)
         meth.update(m)
+        task_params.update(o)
     for key, value in list(train.items()):
         # Numbers from YAML files may arrive as strings ("5e-4"); refuse anything else early.
         kind = TrainConfig.__dataclass_fields__[key].type
@@ -166,9 +211,16 @@ def resolve(method: str, task: str, method_defaults: dict[str, Any], profile: st
                 train[key] = float(value) if "float" in kind else int(value)
             except ValueError:
                 raise ConfigError(f"{key} must be a number, got {value!r}") from None
+    if train.get("memory_budget") is not None:
+        from harness.memory import parse_size
+
+        try:
+            parse_size(train["memory_budget"])
+        except ValueError as e:
+            raise ConfigError(f"memory_budget: {e}") from None
     try:
         tc = TrainConfig(**train)
     except TypeError as e:  # pragma: no cover - keys are checked above
         raise ConfigError(str(e)) from e
     return RunConfig(method=method, task=task, profile=profile, train=tc, method_params=meth,
-                     **run_kwargs)
+                     task_params=task_params, **run_kwargs)

@@ -66,8 +66,13 @@ def rebuild(run_dir: str | Path):
 def export_peft(run_dir: str | Path, out_dir: str | Path) -> Path:
     from safetensors.torch import save_file
 
+    from transformers import PreTrainedModel
+
     prepared = rebuild(run_dir)
     ctx, model = prepared.ctx, prepared.model
+    if not isinstance(model, PreTrainedModel):  # a suite's own model (one head per task)
+        raise ExportError(f"task {ctx.config.task!r} builds its own model ({type(model).__name__}), "
+                          f"which PEFT cannot wrap; use the model saved in {run_dir} instead")
     answer = prepared.pm.hook.export_peft(model=model, ctx=ctx)
     if answer is None:
         raise ExportError(f"method {ctx.config.method!r} has no Hugging Face PEFT format; "

@@ -6,7 +6,8 @@ hooks below and nothing else: a method changes training only through them.
 
 Order of calls in one run::
 
-    inject -> param_groups -> [optimizer built] -> on_train_start
+    inject -> [gradient_checkpointing: only when a memory budget needs it] -> param_groups
+    -> [optimizer built] -> on_train_start
     for every optimizer step:
         forward -> extra_loss -> backward (x accumulation) -> clip -> optimizer.step()
         -> on_step -> scheduler.step() -> zero_grad()
@@ -122,4 +123,17 @@ def export_peft(model: "nn.Module", ctx: "TrainState") -> "dict[str, Any] | None
     ``base_model.model.`` prefix and without the adapter name (``...query.lora_A.weight``);
     optionally ``absolute_tensors`` with full keys (tensors PEFT keeps outside the wrapped model).
     The core adds the task head (``modules_to_save``), the task type and the prefix.
+    """
+
+
+@hookspec(firstresult=True)
+def gradient_checkpointing(model: "nn.Module", ctx: "TrainState") -> "bool | str | None":
+    """Turn on gradient checkpointing for this method's model, or refuse it.
+
+    Called by the memory-budget fit (`harness.budget`) only when no micro-batch fits the budget
+    without checkpointing, after ``inject`` and before the optimizer exists. Return None for the
+    core's default (Hugging Face ``gradient_checkpointing_enable``, non-reentrant checkpoints, on
+    the model or its first submodule that supports it), True when the method turned it on itself,
+    or a string saying why the method cannot train with recomputed activations (the run is then
+    recorded as ``does_not_fit`` if nothing else fits).
     """

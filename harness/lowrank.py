@@ -76,6 +76,18 @@ def _clone_plain(layer: nn.Module) -> nn.Module:
     return clone
 
 
+def low_rank_pair(r: int, in_features: int, out_features: int,
+                  like: torch.Tensor) -> tuple[nn.Parameter, nn.Parameter]:
+    """LoRA's pair ``A: (r, in)``, ``B: (out, r)``: A Kaiming-uniform (``a = sqrt(5)``, as
+    ``nn.Linear`` and PEFT), B zero, so the branch starts at zero; dtype and device of ``like``."""
+    if r <= 0:
+        raise ValueError(f"rank must be positive, got r={r}")
+    A = nn.Parameter(torch.empty(r, in_features, dtype=like.dtype, device=like.device))
+    B = nn.Parameter(torch.zeros(out_features, r, dtype=like.dtype, device=like.device))
+    nn.init.kaiming_uniform_(A, a=math.sqrt(5))
+    return A, B
+
+
 class LowRankLinear(AdaptedLinear):
     """``h = W0 x + s * B A x`` with ``A: (r, in)``, ``B: (out, r)``.
 
@@ -86,14 +98,9 @@ class LowRankLinear(AdaptedLinear):
     def __init__(self, base: nn.Module, r: int, alpha: float, dropout: float = 0.0,
                  rank_scaling: str = "standard"):
         super().__init__(base)
-        if r <= 0:
-            raise ValueError(f"rank must be positive, got r={r}")
-        w = base_weight(base)
+        self.A, self.B = low_rank_pair(r, self.in_features, self.out_features, base_weight(base))
         self.r = r
         self.scale = alpha / math.sqrt(r) if rank_scaling == "rs" else alpha / r
-        self.A = nn.Parameter(torch.empty(r, self.in_features, dtype=w.dtype, device=w.device))
-        self.B = nn.Parameter(torch.zeros(self.out_features, r, dtype=w.dtype, device=w.device))
-        nn.init.kaiming_uniform_(self.A, a=math.sqrt(5))
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
 
     def delta_forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -172,5 +179,5 @@ def _parent(model: nn.Module, name: str) -> tuple[nn.Module, str]:
     return (model.get_submodule(path) if path else model), attr
 
 
-__all__ = ["AdaptedLinear", "LowRankLinear", "inject_adapters", "freeze_and_inject", "adapted_modules",
+__all__ = ["AdaptedLinear", "LowRankLinear", "low_rank_pair", "inject_adapters", "freeze_and_inject", "adapted_modules",
            "merge_adapters", "base_weight", "layer_dims", "is_linear", "resolve_steps"]

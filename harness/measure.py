@@ -1,4 +1,8 @@
-"""Peak memory and parameter counting.
+"""Peak memory of the training loop (a cross-check) and parameter counting.
+
+The figure a run reports and its memory budget bounds is the tensor-level peak of
+`harness.memory` (measured in the fit's probe steps, `harness.budget`); the loop's own figures
+below are recorded beside it as ``memory.train_*``.
 
 Peak memory is read from the system at two points only (start and end of training), so
 measuring costs nothing inside the timed loop:

@@ -102,6 +102,7 @@ class LoadedModel:
 _AUTO_CLASSES = {
     "sequence-classification": "AutoModelForSequenceClassification",
     "causal-lm": "AutoModelForCausalLM",
+    "backbone": "AutoModel",        # no head: suites that add their own (one head per task)
 }
 
 

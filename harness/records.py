@@ -14,7 +14,8 @@ from typing import Any
 from harness.config import RunConfig
 
 SCHEMA_VERSION = 1
-FINISHED = ("ok",)
+# Resume skips these: "does_not_fit" is a measured result of the run's memory budget, not an error.
+FINISHED = ("ok", "does_not_fit")
 
 
 @lru_cache(maxsize=1)
@@ -103,25 +104,64 @@ def write_record(record: dict[str, Any], output_dir: str | os.PathLike) -> Path:
 
 
 class CorruptRecord(ValueError):
-    pass
+    """A record file that cannot be used: truncated or invalid JSON, not a run record."""
+
+
+class UnsupportedSchema(CorruptRecord):
+    """A well-formed record of a schema version this harness cannot read (newer, or unknown)."""
+
+
+# Keys every run record has had since schema version 1 (failed runs included).
+REQUIRED_KEYS = ("run_id", "method", "task", "status")
+# Upgrades of older schema versions, applied in turn: {version: function(record) -> record of
+# version + 1}. Version 1 is the first; when the layout changes, bump SCHEMA_VERSION and add the
+# step here so that `harness report` and `harness compare` keep reading old records (baselines).
+UPGRADES: dict[int, Any] = {}
 
 
 def read_record(path: str | os.PathLike) -> dict[str, Any]:
+    """One record, upgraded to the current schema; `CorruptRecord` (or `UnsupportedSchema`) with a
+    message naming the file and what is wrong with it otherwise."""
     try:
-        record = json.loads(Path(path).read_text())
-    except (OSError, json.JSONDecodeError) as e:
+        text = Path(path).read_text()
+    except (OSError, UnicodeDecodeError) as e:
         raise CorruptRecord(f"{path}: unreadable run record ({e})") from e
-    version = record.get("schema_version") if isinstance(record, dict) else None
-    if version != SCHEMA_VERSION:
-        raise CorruptRecord(f"{path}: schema version {version!r}, this harness reads {SCHEMA_VERSION}; "
-                            f"re-run it or read it with the harness version that wrote it")
+    if not text.strip():
+        raise CorruptRecord(f"{path}: corrupt run record (empty file)")
+    try:
+        record = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise CorruptRecord(f"{path}: corrupt or truncated run record (invalid JSON: {e})") from e
+    if not isinstance(record, dict):
+        raise CorruptRecord(f"{path}: not a run record (a JSON {type(record).__name__}, not an object)")
+    version = record.get("schema_version")
+    if not isinstance(version, int) or isinstance(version, bool):
+        raise UnsupportedSchema(f"{path}: not a run record of this harness (schema_version "
+                                f"{version!r}; this harness reads versions 1 to {SCHEMA_VERSION})")
+    if version > SCHEMA_VERSION:
+        raise UnsupportedSchema(f"{path}: schema version {version} is newer than this harness reads "
+                                f"(up to {SCHEMA_VERSION}); upgrade peft-harness to read it")
+    while version < SCHEMA_VERSION:
+        if version not in UPGRADES:
+            raise UnsupportedSchema(f"{path}: schema version {version} is older than this harness "
+                                    f"can read (from {min([SCHEMA_VERSION, *UPGRADES])} to "
+                                    f"{SCHEMA_VERSION}); re-run it or read it with the harness "
+                                    f"version that wrote it")
+        record = UPGRADES[version](record)
+        version = record["schema_version"] = version + 1
+    missing = [k for k in REQUIRED_KEYS if k not in record]
+    if missing:
+        raise CorruptRecord(f"{path}: corrupt run record (missing {', '.join(missing)})")
     return record
 
 
 def read_records(output_dir: str | os.PathLike) -> tuple[list[dict[str, Any]], list[str]]:
-    """Every record under ``output_dir``, and a message for each file that could not be read."""
+    """Every record under ``output_dir``, and a message for each file that could not be read
+    (``<path>: <what is wrong>``). Temporary files of a write in progress are not records."""
     records, problems = [], []
     for path in sorted(Path(output_dir).glob("*.json")):
+        if path.name.startswith(".tmp-"):
+            continue
         try:
             records.append(read_record(path))
         except CorruptRecord as e:

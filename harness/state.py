@@ -18,6 +18,10 @@ class TrainState:
     head_names: list[str]                   # parameter-name prefixes of the task head
     model_type: str                         # Hugging Face config.model_type
     task: Any = None                        # the tasks.Task being trained
+    # The task of the batch being run, for suites of several tasks (the batch's "task", a member's
+    # short name); None for single-task runs. The core sets it before every forward pass it runs
+    # (training, probes, evaluation, merge check); methods with per-task modules read it here.
+    current_task: str | None = None
     step: int = 0                           # optimizer steps taken
     total_steps: int = 0
     optimizer: torch.optim.Optimizer | None = None
@@ -44,6 +48,11 @@ class TrainState:
             raise RuntimeError("rebuild_optimizer() is only available during training")
         self._rebuild()
         self.rebuilds += 1
+
+    @property
+    def task_names(self) -> list[str]:
+        """The tasks batches may carry (a multitask suite's members); empty for a single task."""
+        return list(getattr(self.task, "task_names", None) or [])
 
     def is_head(self, param_name: str) -> bool:
         return any(param_name == h or param_name.startswith(h + ".") for h in self.head_names)

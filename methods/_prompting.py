@@ -268,6 +268,12 @@ class PromptMethod(Method):
     def merge(self, model: nn.Module, ctx: TrainState) -> nn.Module:
         return cache_prompt(model)
 
+    @hookimpl
+    def gradient_checkpointing(self, model: nn.Module, ctx: TrainState) -> str | None:
+        if self.route == "prefix":  # see the module docstring: the prefix would be dropped
+            return "transformers drops past_key_values in checkpointed layers (a key/value prefix)"
+        return None
+
 
 # -- sources ----------------------------------------------------------------------------------
 class EmbeddingSource(nn.Module):

@@ -38,14 +38,15 @@ Batch = dict[str, torch.Tensor]
 
 def split_examples(batch: Batch) -> Iterator[Batch]:
     """The examples of a batch one by one, with padding columns removed."""
-    n = next(iter(batch.values())).shape[0]
+    n = next(v for v in batch.values() if isinstance(v, torch.Tensor)).shape[0]
     for i in range(n):
-        ex = {k: v[i:i + 1] for k, v in batch.items()}
+        # Non-tensor values (a multitask batch's task name) belong to every example.
+        ex = {k: v[i:i + 1] if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
         mask = ex.get("attention_mask")
         if mask is not None and not bool(mask.all()):
             keep = mask[0].bool()
-            ex = {k: (v[:, keep] if v.ndim >= 2 and v.shape[:2] == mask.shape else v)
-                  for k, v in ex.items()}
+            ex = {k: (v[:, keep] if isinstance(v, torch.Tensor) and v.ndim >= 2
+                      and v.shape[:2] == mask.shape else v) for k, v in ex.items()}
         yield ex
 
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import random
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, ClassVar, Iterator
@@ -26,6 +27,15 @@ def data_root(data_dir: str | os.PathLike | None = None) -> Path | None:
     return Path(value).expanduser() if value else None
 
 
+def seeded_subset(items: list, n: int | None, seed: int) -> list:
+    """The first ``n`` of a seeded shuffle, in their original order (all when ``n`` is None)."""
+    if n is None or n >= len(items):
+        return list(items)
+    order = list(range(len(items)))
+    random.Random(seed).shuffle(order)
+    return [items[i] for i in sorted(order[:n])]
+
+
 @dataclass
 class Example:
     text_a: str
@@ -37,6 +47,10 @@ class Task:
     """One benchmark task. Subclasses set the class attributes and implement `load`.
 
     ``model_kind`` tells the core which Hugging Face auto class builds the task model.
+    ``options`` declares the task's own settings with their defaults (what a suite evaluates, not
+    how training runs); profiles' ``tasks:`` sections and ``--set`` override them, and the instance
+    holds the resolved values in ``self.params``. ``evaluate_before_training`` asks the runner to
+    evaluate the model once before training too (recorded as ``metrics_before``).
     """
 
     name: ClassVar[str] = ""
@@ -46,9 +60,37 @@ class Task:
     num_labels: ClassVar[int] = 2                  # 1 = regression
     train_split: ClassVar[str] = "train"
     eval_splits: ClassVar[tuple[str, ...]] = ("dev",)
+    options: ClassVar[dict[str, Any]] = {}
+    evaluate_before_training: ClassVar[bool] = False
+    in_group: ClassVar[bool] = True                # False: runs by name only, not with its group
+
+    def __init__(self, options: dict[str, Any] | None = None):
+        unknown = sorted(set(options or {}) - set(self.options))
+        if unknown:
+            raise ValueError(f"task {self.name!r} has no option {', '.join(map(repr, unknown))}; "
+                             f"options: {', '.join(sorted(self.options)) or 'none'}")
+        self.params: dict[str, Any] = {**self.options, **(options or {})}
 
     def load(self, split: str, data_dir: str | None = None) -> list[Example]:  # pragma: no cover
         raise NotImplementedError
+
+    def subset(self, examples: list[Any], n: int | None, seed: int) -> list[Any]:
+        """At most ``n`` of ``examples`` (a seeded draw, original order kept); ``max_train_samples``
+        and ``max_eval_samples`` go through here. A suite of several tasks caps each member."""
+        return seeded_subset(examples, n, seed)
+
+    def build_model(self, name: str) -> Any:
+        """The task model (``harness.models.LoadedModel``): backbone ``name`` with this task's head.
+        Suites with their own architecture (one head per member task) override this."""
+        from harness.models import load_model
+
+        return load_model(name, self.model_kind, num_labels=self.num_labels)
+
+    def batch_sampler(self, rows: list[dict[str, Any]], batch_size: int,
+                      generator: torch.Generator) -> Any:
+        """Index batches for the training loop (a ``torch.utils.data`` batch sampler), or None for
+        the loop's default: shuffled, fixed-size batches."""
+        return None
 
     def availability(self, data_dir: str | None = None) -> str | None:
         """None when train and eval data can be loaded, else the reason they cannot."""
@@ -117,6 +159,10 @@ class Task:
 
     def add_artifact(self, name: str, content: str | bytes) -> None:
         self._artifacts = {**getattr(self, "_artifacts", {}), name: content}
+
+    def data_notes(self) -> dict[str, Any]:
+        """What encoding dropped or cut (counts per split), kept in the run record as ``data``."""
+        return {}
 
     def score(self, metrics: dict[str, float]) -> float:
         """One number per task: the mean of its metrics (the GLUE leaderboard convention)."""

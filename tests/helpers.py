@@ -44,6 +44,34 @@ def tiny_llama(num_labels: int = 2, seed: int = 0) -> nn.Module:
     return LlamaForSequenceClassification(cfg).eval()
 
 
+def tiny_multitask(heads: dict[str, int] | None = None, seed: int = 0) -> nn.Module:
+    """The multitask suite's model over a tiny BERT: one head per task (1 label = regression)."""
+    from transformers import BertConfig, BertModel
+
+    from tasks.multitask import MultiTaskModel
+
+    torch.manual_seed(seed)
+    cfg = BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                     intermediate_size=64, max_position_embeddings=64,
+                     hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    return MultiTaskModel(BertModel(cfg), heads or {"a": 2, "b": 3}).eval()
+
+
+class Suite:
+    """A stand-in multitask task for unit tests: its members' names and the suite's batching."""
+
+    def __init__(self, names: list[str], mixing: str = "proportional", temperature: float = 2.0):
+        self.task_names = list(names)
+        self.mixing, self.temperature = mixing, temperature
+
+    def batch_sampler(self, rows: list[dict[str, Any]], batch_size: int, generator: torch.Generator):
+        from tasks.multitask import MixingSampler, mixing_probabilities
+
+        groups = {t: [i for i, r in enumerate(rows) if r["task"] == t] for t in self.task_names}
+        probs = mixing_probabilities({t: len(g) for t, g in groups.items()}, self.mixing, self.temperature)
+        return MixingSampler(groups, batch_size, probs, generator)
+
+
 HEADS = {"bert": ["classifier"], "gpt2": ["score"], "llama": ["score"]}
 
 
@@ -54,8 +82,10 @@ def make_ctx(model: nn.Module, method: str, params: dict[str, Any] | None = None
     config = RunConfig(method=method, task="synthetic", train=TrainConfig(**train), method_params=mp)
     model_type = model.config.model_type
     targets = resolve_targets(model_type, mp.get("targets")) if "targets" in mp else []
+    multitask = isinstance(getattr(model, "heads", None), nn.ModuleDict)
     return TrainState(config=config, device=torch.device("cpu"), targets=targets,
-                      head_names=HEADS.get(model_type, ["classifier"]), model_type=model_type)
+                      head_names=["heads"] if multitask else HEADS.get(model_type, ["classifier"]),
+                      model_type=model_type, task=Suite(list(model.heads)) if multitask else None)
 
 
 def apply_method(model: nn.Module, method: str, params: dict[str, Any] | None = None,
@@ -101,11 +131,26 @@ def rows(n: int = 32, seed: int = 2) -> list[dict[str, Any]]:
 
 def collate(rs: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
     width = max(len(r["input_ids"]) for r in rs)
-    return {
+    out = {
         "input_ids": torch.tensor([r["input_ids"] + [0] * (width - len(r["input_ids"])) for r in rs]),
         "attention_mask": torch.tensor([r["attention_mask"] + [0] * (width - len(r["attention_mask"])) for r in rs]),
         "labels": torch.tensor([r["labels"] for r in rs]),
     }
+    if "task" in rs[0]:  # multitask rows: one task per batch, its name beside the tensors
+        assert len({r["task"] for r in rs}) == 1, "a batch mixes tasks"
+        out["task"] = rs[0]["task"]
+        if isinstance(rs[0]["labels"], float):
+            out["labels"] = out["labels"].float()
+    return out
+
+
+def task_rows(tasks: dict[str, int], n: int = 16, seed: int = 2) -> list[dict[str, Any]]:
+    """Synthetic rows of several tasks (``{name: num_labels}``; 1 = regression targets), grouped."""
+    out = []
+    for k, (t, labels) in enumerate(tasks.items()):
+        for r in rows(n, seed + k):
+            out.append({**r, "task": t, "labels": float(r["labels"]) if labels == 1 else r["labels"] % labels})
+    return out
 
 
 def train(model: nn.Module, method: str, params: dict[str, Any] | None = None,
