@@ -36,6 +36,8 @@ import torch
 from torch import nn
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))  # tests/helpers
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from bench_lora_family_a import saved_activation_bytes  # noqa: E402  (one definition of the count)
 os.environ.setdefault("HARNESS_NO_PROGRESS", "1")
 
 CONFIGS: dict[str, tuple[str, dict[str, Any]]] = {
@@ -55,23 +57,6 @@ def smollm2_like(layers: int, attn: str, vocab: int) -> nn.Module:
                       rope_theta=100000.0, tie_word_embeddings=True, rms_norm_eps=1e-5)
     cfg._attn_implementation = attn
     return LlamaForCausalLM(cfg)
-
-
-def saved_activation_bytes(model: nn.Module, batch: dict[str, torch.Tensor]) -> int:
-    """Bytes kept for backward by one training forward; weights and buffers excluded, by storage."""
-    frozen = {t.untyped_storage().data_ptr() for t in [*model.parameters(), *model.buffers()]}
-    seen: dict[int, int] = {}
-
-    def pack(t: torch.Tensor) -> torch.Tensor:
-        ptr = t.untyped_storage().data_ptr()
-        if ptr not in frozen:
-            seen[ptr] = t.untyped_storage().nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        loss = model(**batch).loss
-    del loss
-    return sum(seen.values())
 
 
 class Subject:
