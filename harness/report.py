@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -188,7 +189,33 @@ def _metric_label(task: str, metric: str) -> str:
         return f"{task.split('/', 1)[0]}:{_metric_label(member, name)}"
     short = task.split("/", 1)[-1]
     base, _, suffix = metric.partition("_")
-    return f"{short} {ABBREV.get(base, base)}" + (f" {suffix}" if suffix else "")
+    return f"{short} {ABBREV.get(base, base)}" + (f" {suffix.replace('_', ' ')}" if suffix else "")
+
+
+_SIZE = re.compile(r"(?<![A-Za-z])(\d+(?:\.\d+)?)(k?)(?=_|@|$)")
+
+
+def _ordered_metrics(cols: list[str]) -> list[str]:
+    """Metric columns in reading order: as first seen, except that a metric measured at several
+    sizes runs from small to large (records store keys alphabetically, which puts ``passkey_1k``
+    before ``passkey_512``) and ``@before`` columns follow the trained model's."""
+    def split(col: str) -> tuple[bool, str, float]:
+        before = col.endswith(BEFORE)
+        name = col.removesuffix(BEFORE)
+        m = None
+        for m in _SIZE.finditer(name):
+            pass  # the last size token: "passkey_1k"
+        if m is None:
+            return before, name, 0.0
+        size = float(m.group(1)) * (1024 if m.group(2) else 1)
+        return before, name[:m.start()] + "#" + name[m.end():], size
+
+    parts = [split(c) for c in cols]
+    first = {}
+    for before, stem, _ in parts:
+        first.setdefault(stem, len(first))
+    order = sorted(range(len(cols)), key=lambda i: (parts[i][0], first[parts[i][1]], parts[i][2]))
+    return [cols[i] for i in order]
 
 
 def summary_frame(df: pd.DataFrame, method_order: list[str] | None = None) -> pd.DataFrame:
@@ -206,7 +233,7 @@ def summary_frame(df: pd.DataFrame, method_order: list[str] | None = None) -> pd
     columns: list[str] = []
     for task in tasks:
         sub = df[df["task"] == task]
-        present = [c for c in metric_cols if sub[c].notna().any()]
+        present = _ordered_metrics([c for c in metric_cols if sub[c].notna().any()])
         for c in present or [None]:
             label = _metric_label(task, c[7:]) if c else f"{task.split('/', 1)[-1]}"
             if label not in columns:
@@ -249,7 +276,9 @@ def summary_frame(df: pd.DataFrame, method_order: list[str] | None = None) -> pd
         mergeable = bool(sub["mergeable"].fillna(False).all()) if len(sub) else None
         text = f"{diffs.max():.1e}" if len(diffs) else ""
         if mergeable is False:  # said, not hidden: the table's reader compares like with like
-            text = "not mergeable into weights" + (f" (cached: {text})" if text else "")
+            # Such a method may still return an inference model (a cached prompt, a partial
+            # merge); its check against the trained model is shown beside the verdict.
+            text = "not mergeable into weights" + (f" (inference model: {text})" if text else "")
         out.loc[m, "merge max |diff|"] = text or None
         failed = int((~raw[raw["method"] == m]["status"].isin(["ok", DOES_NOT_FIT])).sum())
         out.loc[m, "runs failed"] = failed

@@ -223,3 +223,20 @@ def test_task_options_and_per_task_method_settings_resolve_from_profile_and_set(
     with pytest.raises(ConfigError, match="bogus"):
         plan(["lora"], "longcontext", "smoke", {"bogus": 1})
     assert plan(["lora"], "longcontext", "smoke", {"ppl_samples": 1}, data_dir="/nonexistent").cells
+
+
+# -- report --------------------------------------------------------------------------------------
+def test_report_orders_lengths_as_numbers_and_before_after_the_trained_figures():
+    from harness.report import runs_frame, summary_frame
+    from records_factory import fake_record
+
+    # Records store metric keys alphabetically: passkey_acc_1k before passkey_acc_512.
+    metrics = {"passkey_acc_1k": 0.4, "passkey_acc_2k": 0.2, "passkey_acc_512": 0.8,
+               "perplexity_1k": 9.0, "perplexity_512": 10.0}
+    rec = fake_record("lora", task="longcontext", acc=metrics,
+                      metrics_before={k: v / 2 for k, v in metrics.items()})
+    cols = [c for c in summary_frame(runs_frame([rec])).columns if c.startswith("longcontext")]
+    assert cols == ["longcontext passkey acc 512", "longcontext passkey acc 1k", "longcontext passkey acc 2k",
+                    "longcontext ppl 512", "longcontext ppl 1k",
+                    "longcontext passkey acc 512 before", "longcontext passkey acc 1k before",
+                    "longcontext passkey acc 2k before", "longcontext ppl 512 before", "longcontext ppl 1k before"]
