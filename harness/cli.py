@@ -111,13 +111,21 @@ def cmd_report(args: argparse.Namespace) -> int:
         print(f"harness: warning: {p}", file=sys.stderr)
     if args.profile:
         records = [r for r in records if r.get("profile") == args.profile]
+    singles: list[dict] = []
+    for folder in args.single_task_dir or ():
+        if not Path(folder).is_dir():
+            return _err(f"--single-task-dir {folder}: no such folder")
+        more, bad = read_records(folder)
+        singles += more
+        for p in bad:
+            print(f"harness: warning: {p}", file=sys.stderr)
     report_dir = args.report_dir or Path(args.output_dir).parent
-    paths = write_reports(records, report_dir, problems=problems)
+    paths = write_reports(records, report_dir, problems=problems, single_task_records=singles)
     paths.update(write_leaderboard(records, report_dir, problems, html_page=args.format == "html",
                                    reference=args.reference or DEFAULT_REFERENCE))
     runs = runs_frame(records)
     print(to_markdown(summary_frame(runs)))
-    print(multitask_markdown(multitask_frames(runs)), end="")
+    print(multitask_markdown(multitask_frames(runs, singles=runs_frame(singles))), end="")
     print("\n" + "\n".join(f"wrote {p}" for p in paths.values()))
     if problems:  # listed in the tables too; said again last, where it is seen
         print(f"harness: {len(problems)} unreadable record(s) in {args.output_dir} (listed above and "
@@ -252,6 +260,9 @@ def build_parser() -> argparse.ArgumentParser:
     rep.add_argument("--reference", default=None,
                      help="method whose step time the others' is divided by (default: "
                           "reference_method in harness/configs/compare.yaml)")
+    rep.add_argument("--single-task-dir", action="append", metavar="DIR",
+                     help="records of single-task runs kept elsewhere (repeatable): the multitask "
+                          "tables show their figures beside the suite's run of the same method")
     rep.set_defaults(func=cmd_report)
 
     cmp = sub.add_parser("compare", help="regressions of a results folder against a baseline (exit 1 if any)")

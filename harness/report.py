@@ -397,16 +397,20 @@ def memory_chart_png(df: pd.DataFrame) -> bytes | None:
     return buf.getvalue()
 
 
-def multitask_frames(df: pd.DataFrame, method_order: list[str] | None = None) -> dict[str, pd.DataFrame]:
+def multitask_frames(df: pd.DataFrame, method_order: list[str] | None = None,
+                     singles: pd.DataFrame | None = None) -> dict[str, pd.DataFrame]:
     """Suites of several tasks (metrics keyed ``<member task>/<metric>``), one table each: per
     method a ``multitask`` row (the suite's run) and a ``single-task`` row (the same method's runs
-    of the member tasks alone, same profile, from the same records), in percent; ``avg score`` is
-    the mean of the member scores (blank while a single-task run is missing)."""
+    of the member tasks alone, same profile, from the same records or from ``singles``, records
+    kept elsewhere), in percent; ``avg score`` is the mean of the member scores (blank while a
+    single-task run is missing)."""
     out: dict[str, pd.DataFrame] = {}
     if df.empty:
         return out
     df = aggregate_seeds(df)  # over seeds: the means
-    good = df["seeds"] > 0
+    single_df = df if singles is None or singles.empty else \
+        pd.concat([df, aggregate_seeds(singles)], ignore_index=True)
+    good = single_df["seeds"] > 0
     for suite in dict.fromkeys(df["task"]):
         sub = df[df["task"] == suite]
         cols = [c for c in df.columns if c.startswith("metric:") and "/" in c and sub[c].notna().any()]
@@ -430,7 +434,8 @@ def multitask_frames(df: pd.DataFrame, method_order: list[str] | None = None) ->
             single: dict[str, Any] = {"method": m, "setting": "single-task"}
             scores, params, shares, mems = [], [], [], []
             for member in members:
-                s = df[(df["task"] == member) & (df["method"] == m) & (df["profile"] == r["profile"]) & good]
+                s = single_df[(single_df["task"] == member) & (single_df["method"] == m)
+                              & (single_df["profile"] == r["profile"]) & good]
                 if s.empty:
                     continue
                 s = s.iloc[0]
@@ -501,15 +506,18 @@ def failures(df: pd.DataFrame, does_not_fit: bool = True) -> list[str]:
 
 
 def write_reports(records: list[dict[str, Any]], out_dir: str | Path,
-                  method_order: list[str] | None = None, problems: list[str] = ()) -> dict[str, Path]:
-    """``problems``: the records that could not be read (``<path>: <why>``), listed, not dropped."""
+                  method_order: list[str] | None = None, problems: list[str] = (),
+                  single_task_records: list[dict[str, Any]] = ()) -> dict[str, Path]:
+    """``problems``: the records that could not be read (``<path>: <why>``), listed, not dropped;
+    ``single_task_records``: runs kept elsewhere whose single-task figures the multitask tables
+    show beside a suite's (they are in no other table)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     runs = runs_frame(records)
     summary = summary_frame(runs, method_order)
     paths = {"summary_md": out / "summary.md", "summary_csv": out / "summary.csv",
              "runs_csv": out / "runs.csv"}
-    multi = multitask_frames(runs, method_order)
+    multi = multitask_frames(runs, method_order, runs_frame(list(single_task_records)))
     notes = "\n".join(f"- {f}" for f in failures(runs))
     paths["summary_md"].write_text(
         "# Results\n\nTask metrics in percent (dev split; loss and perplexity as they are). "

@@ -32,7 +32,9 @@ Refused with a clear error: a prefix together with gradient checkpointing (trans
 ``GradientCheckpointingLayer`` silently drops ``past_key_values`` while checkpointing, which
 would train without the prefix; the ``embeddings`` route works with it), encoder-decoder models,
 4-D attention masks, and a caller-supplied ``past_key_values`` (incremental decoding: the prompt
-would be prepended again at every step).
+would be prepended again at every step). So that ``generate(use_cache=False)`` works on either
+route, a prefix forward returns no ``past_key_values`` (the cache it built is internal);
+`tasks.instruction.greedy_generate` falls back to that when decoding with a cache is refused.
 
 `cache_prompt` is every method's ``merge``: it evaluates the source once (eval mode, no dropout),
 stores the result as the buffer ``virtual_prompt.cached`` and deletes the source (embedding,
@@ -184,8 +186,15 @@ class VirtualPrompt(nn.Module):
         rows = prompt.to(output.dtype).unsqueeze(0).expand(output.shape[0], -1, -1)
         return torch.cat([rows, output[:, n:]], dim=1)
 
-    def post_forward(self, model: nn.Module, args: tuple, output: Any) -> None:
+    def post_forward(self, model: nn.Module, args: tuple, output: Any) -> Any:
         self._pending.clear()  # never leak rows into a later call that bypasses the pre-hook
+        if self.route == "prefix" and getattr(output, "past_key_values", None) is not None:
+            # The cache a prefix forward returns is the prefix's own (plus this call's keys and
+            # values). Handed back, generate() would feed it to the next step, which a virtual
+            # prompt refuses; without it, `generate(use_cache=False)` decodes as the embedding
+            # route does, recomputing the whole sequence (with the prefix) every step.
+            output.past_key_values = None
+        return output
 
     def _prefix_cache(self, flat: torch.Tensor, batch: int, model: nn.Module, device: torch.device):
         from transformers import DynamicCache

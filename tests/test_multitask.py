@@ -220,6 +220,42 @@ def test_report_puts_single_task_figures_beside_the_suite():
     assert summary.loc["lora", "multitask:sst2 acc"] == 80.0 and summary.loc["lora", "sst2 acc"] == 85.0
 
 
+def test_report_takes_single_task_figures_from_another_folder(tmp_path):
+    """`harness report --single-task-dir`: single-task records kept elsewhere (a leaderboard's
+    folder) fill the single-task rows, and appear in no other table."""
+    import json
+    import subprocess
+    import sys
+
+    def record(task, metrics, score, rid):
+        return {"schema_version": 1, "run_id": rid, "method": "lora", "task": task, "profile": "smoke",
+                "status": "ok", "metrics": metrics, "score": score,
+                "params": {"method": 10, "head": 2, "share": 0.01}, "memory": {"peak_bytes": 2**20},
+                "finished_at": "2024"}
+
+    suite, singles = tmp_path / "suite", tmp_path / "singles"
+    suite.mkdir(), singles.mkdir()
+    (suite / "a.json").write_text(json.dumps(record("multitask/sst2+rte", {"glue/sst2/accuracy": 0.8,
+                                                    "glue/rte/accuracy": 0.6}, 0.7, "a")))
+    (singles / "b.json").write_text(json.dumps(record("glue/sst2", {"accuracy": 0.9}, 0.9, "b")))
+    (singles / "c.json").write_text(json.dumps(record("glue/rte", {"accuracy": 0.5}, 0.5, "c")))
+    out = subprocess.run([sys.executable, "-m", "harness", "report", "--output-dir", str(suite),
+                          "--report-dir", str(tmp_path / "rep"), "--single-task-dir", str(singles)],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    summary = (tmp_path / "rep" / "summary.md").read_text()
+    rows = [[c.strip() for c in line.split("|")[1:-1]] for line in summary.splitlines()
+            if line.startswith("| lora")]
+    assert [r[1:5] for r in rows if r[1] in ("multitask", "single-task")] == [
+        ["multitask", "80", "60", "70"], ["single-task", "90", "50", "70"]]  # sst2, rte, avg
+    runs_csv = (tmp_path / "rep" / "runs.csv").read_text().splitlines()
+    assert len(runs_csv) == 2 and ",multitask/sst2+rte," in runs_csv[1]  # only the suite's run
+    bad = subprocess.run([sys.executable, "-m", "harness", "report", "--output-dir", str(suite),
+                          "--single-task-dir", str(tmp_path / "nowhere")], capture_output=True, text=True,
+                         timeout=120)
+    assert bad.returncode != 0 and "no such folder" in bad.stderr
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(not os.environ.get("HARNESS_DATA_DIR"), reason="HARNESS_DATA_DIR not set")
 def test_a_real_multitask_run_records_per_task_metrics(tmp_path):

@@ -108,6 +108,28 @@ def _tiny_causal_lm():
 
 
 @pytest.mark.parametrize("method", METHODS)
+def test_greedy_generation_of_a_padded_batch_equals_each_prompt_decoded_alone(method):
+    """The instruction suite's generations: a virtual prompt refuses incremental decoding, so
+    decoding falls back to no key/value cache; a prefix must not hand its own cache back (the
+    next step would pass it in). Left-padded rows must decode as each prompt alone, by hand."""
+    from tasks.instruction import greedy_generate
+
+    model, _, _ = apply_method(_tiny_causal_lm(), method, _params(method))
+    model.eval()
+    prompts, steps = [[5, 6, 7, 8], [9, 10]], 5
+
+    def by_hand(ids: list[int]) -> list[int]:
+        ids = list(ids)
+        for _ in range(steps):
+            with torch.no_grad():
+                ids.append(int(model(input_ids=torch.tensor([ids])).logits[0, -1].argmax()))
+        return ids[-steps:]
+
+    out = greedy_generate(model, prompts, pad_id=0, eos_ids=[], max_new_tokens=steps)
+    assert out == [by_hand(p) for p in prompts]
+
+
+@pytest.mark.parametrize("method", METHODS)
 def test_causal_lm_virtual_positions_attended_and_never_scored(method):
     model, _, _ = apply_method(_tiny_causal_lm(), method, _params(method))
     b = batch()
