@@ -284,6 +284,29 @@ class PromptMethod(Method):
         return None
 
 
+@torch.no_grad()
+def prefix_from_tokens(model: nn.Module, ids: torch.Tensor, dims: Dims) -> torch.Tensor:
+    """The keys and values the frozen model computes for the tokens ``ids`` (``L``), laid out as a
+    prefix source's output ``(L, layers * 2 * kv_dim)`` (Li & Liang's initialisation from the
+    activations of real words). Keys are taken as cached, after rotary embedding at positions
+    ``0..L-1``: the positions the prefix occupies, since real tokens start at ``L``. Needs a model
+    that returns its key/value cache (a decoder); encoders do not."""
+    was = model.training
+    model.eval()
+    out = model(input_ids=ids.view(1, -1).to(model.get_input_embeddings().weight.device), use_cache=True)
+    model.train(was)
+    cache = getattr(out, "past_key_values", None)
+    if cache is None or not getattr(cache, "layers", None):
+        raise ValueError(f"{type(model).__name__} returns no key/value cache, so a prefix cannot be "
+                         f"initialised from its activations; use init: random")
+    rows = [t for layer in cache.layers for t in (layer.keys, layer.values)]  # 2i keys, 2i+1 values
+    kv = torch.stack([t[0] for t in rows])  # (layers*2, kv_heads, L, head_dim)
+    if kv.shape != (dims.layers * 2, dims.kv_heads, ids.numel(), dims.head_dim):
+        raise ValueError(f"the model's cache has shape {tuple(kv.shape)}, expected "
+                         f"{(dims.layers * 2, dims.kv_heads, ids.numel(), dims.head_dim)}")
+    return kv.permute(2, 0, 1, 3).reshape(ids.numel(), -1).float().cpu()
+
+
 # -- sources ----------------------------------------------------------------------------------
 class EmbeddingSource(nn.Module):
     """``L`` rows stored directly (prompt tuning; P-Tuning v2's prefix)."""

@@ -246,6 +246,37 @@ def test_prefix_is_sized_by_key_value_heads():
 
 
 # -- gradient checkpointing --------------------------------------------------------------------------
+def test_p_tuning_v2_prefix_from_token_activations_is_those_tokens_as_context():
+    """init: vocab (Li & Liang's real-word activations): a prefix made of the keys and values the
+    frozen model computes for tokens t is exactly t as preceding context, so the prefixed model's
+    logits on x equal the bare model's logits on t + x at x's positions."""
+    import copy
+
+    from methods._prompting import model_dims, prefix_from_tokens, virtual_prompt
+
+    base = _tiny_causal_lm()
+    bare = copy.deepcopy(base)
+    model, _, _ = apply_method(base, "p_tuning_v2", _params("p_tuning_v2", init="vocab"))
+    model.eval()
+    ids, x = torch.tensor([7, 3, 99, 42, 5]), torch.tensor([[11, 12, 13, 14]])
+    with torch.no_grad():
+        virtual_prompt(model).source.embedding.weight.copy_(prefix_from_tokens(bare, ids[:L], model_dims(bare)))
+        got = model(input_ids=x).logits
+        want = bare(input_ids=torch.cat([ids[:L].view(1, -1), x], dim=1)).logits[:, L:]
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    # A random N(0, 1) prefix is not such a context: the check above can fail.
+    random, _, _ = apply_method(copy.deepcopy(bare), "p_tuning_v2", _params("p_tuning_v2"))
+    with torch.no_grad():
+        assert not torch.allclose(random.eval()(input_ids=x).logits, want, atol=1e-3)
+
+
+def test_p_tuning_v2_vocab_init_needs_a_decoder_and_a_known_init():
+    with pytest.raises(ValueError, match="returns no key/value cache"):
+        apply_method(tiny_bert(), "p_tuning_v2", _params("p_tuning_v2", init="vocab"))
+    with pytest.raises(ValueError, match="init must be one of"):
+        apply_method(_tiny_causal_lm(), "p_tuning_v2", _params("p_tuning_v2", init="zeros"))
+
+
 @pytest.mark.parametrize("method", ["prefix_tuning", "p_tuning_v2"])
 def test_prefix_refuses_gradient_checkpointing(method):
     base = tiny_llama()
