@@ -284,6 +284,10 @@ class PromptMethod(Method):
         return None
 
 
+class NoKeyValueCache(ValueError):
+    """The model returns no key/value cache (an encoder): no prefix from its activations."""
+
+
 @torch.no_grad()
 def prefix_from_tokens(model: nn.Module, ids: torch.Tensor, dims: Dims) -> torch.Tensor:
     """The keys and values the frozen model computes for the tokens ``ids`` (``L``), laid out as a
@@ -297,7 +301,7 @@ def prefix_from_tokens(model: nn.Module, ids: torch.Tensor, dims: Dims) -> torch
     model.train(was)
     cache = getattr(out, "past_key_values", None)
     if cache is None or not getattr(cache, "layers", None):
-        raise ValueError(f"{type(model).__name__} returns no key/value cache, so a prefix cannot be "
+        raise NoKeyValueCache(f"{type(model).__name__} returns no key/value cache, so a prefix cannot be "
                          f"initialised from its activations; use init: random")
     rows = [t for layer in cache.layers for t in (layer.keys, layer.values)]  # 2i keys, 2i+1 values
     kv = torch.stack([t[0] for t in rows])  # (layers*2, kv_heads, L, head_dim)

@@ -15,13 +15,14 @@ sequence-classification head (BERT: pooler output of the first token -> linear; 
 it). Refuses gradient checkpointing. Default ``L = 20`` (smaller than the paper's RTE setting, for
 CPU runs; set ``num_virtual_tokens``).
 
-``init``: ``random`` (default: N(0, 1), the paper's code and PEFT's) or ``vocab``: the keys and
-values the frozen model itself computes for ``L`` token ids drawn uniformly from the vocabulary
-(Prefix-Tuning's initialisation from the activations of real words, Li & Liang 2021, sec. 7.2;
-decoders only: an encoder returns no key/value cache). On a pretrained decoder a random N(0, 1)
-prefix is far from anything attention has seen: SmolLM2-135M-Instruct's response loss on the
-instruction suite starts near 8 with it against 1 for the bare model, and a short run does not
-recover; a prefix of real activations starts where a few tokens of context would.
+``init``: ``random`` (N(0, 1), the paper's code and PEFT's), ``vocab`` (the keys and values the
+frozen model itself computes for ``L`` token ids drawn uniformly from the vocabulary:
+Prefix-Tuning's initialisation from the activations of real words, Li & Liang 2021, sec. 7.2;
+decoders only, an encoder returns no key/value cache) or ``auto`` (default): ``vocab`` where the
+model returns a key/value cache, else ``random``. On a pretrained decoder a random N(0, 1) prefix
+is far from anything attention has seen: SmolLM2-135M-Instruct's response loss on the instruction
+suite's smoke run was 8.1 with it (the bare model's is about 1), ROUGE-L 1.1; with ``vocab`` 1.07,
+ROUGE-L 31.1 (LoRA: 32.6). Encoders (the paper's setting, and GLUE here) keep the paper's init.
 
 Merge: the prefix (dropout off) is kept as the buffer ``virtual_prompt.cached``; the returned
 model is inference-only (``mergeable = False``).
@@ -31,9 +32,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from methods._prompting import Dims, EmbeddingSource, PromptMethod, prefix_from_tokens
+from methods._prompting import Dims, EmbeddingSource, NoKeyValueCache, PromptMethod, prefix_from_tokens
 
-INITS = ("random", "vocab")
+INITS = ("auto", "random", "vocab")
 
 
 class PTuningV2(PromptMethod):
@@ -41,14 +42,18 @@ class PTuningV2(PromptMethod):
     summary = "per-layer key/value prefixes stored directly (no MLP), frozen backbone, trained head"
     mergeable = False
     route = "prefix"
-    defaults = {"num_virtual_tokens": 20, "dropout": 0.1, "init": "random"}
+    defaults = {"num_virtual_tokens": 20, "dropout": 0.1, "init": "auto"}
 
     def make_source(self, model: nn.Module, dims: Dims) -> nn.Module:
         n, init = int(self.params["num_virtual_tokens"]), self.params["init"]
         if init not in INITS:
             raise ValueError(f"init must be one of {INITS}, got {init!r}")
         rows = None
-        if init == "vocab":
+        if init in ("vocab", "auto"):
             vocab = model.get_input_embeddings().weight.shape[0]
-            rows = prefix_from_tokens(model, torch.randint(0, vocab, (n,)), dims)
+            try:
+                rows = prefix_from_tokens(model, torch.randint(0, vocab, (n,)), dims)
+            except NoKeyValueCache:
+                if init == "vocab":
+                    raise
         return EmbeddingSource(n, dims.prefix_width, rows)

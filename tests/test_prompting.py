@@ -265,14 +265,25 @@ def test_p_tuning_v2_prefix_from_token_activations_is_those_tokens_as_context():
         want = bare(input_ids=torch.cat([ids[:L].view(1, -1), x], dim=1)).logits[:, L:]
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
     # A random N(0, 1) prefix is not such a context: the check above can fail.
-    random, _, _ = apply_method(copy.deepcopy(bare), "p_tuning_v2", _params("p_tuning_v2"))
+    random, _, _ = apply_method(copy.deepcopy(bare), "p_tuning_v2", _params("p_tuning_v2", init="random"))
     with torch.no_grad():
         assert not torch.allclose(random.eval()(input_ids=x).logits, want, atol=1e-3)
 
 
 def test_p_tuning_v2_vocab_init_needs_a_decoder_and_a_known_init():
+    from methods._prompting import virtual_prompt
+
     with pytest.raises(ValueError, match="returns no key/value cache"):
         apply_method(tiny_bert(), "p_tuning_v2", _params("p_tuning_v2", init="vocab"))
+    # auto: the paper's N(0, 1) on an encoder, real activations on a decoder
+    torch.manual_seed(0)
+    enc, _, _ = apply_method(tiny_bert(), "p_tuning_v2", _params("p_tuning_v2"))
+    assert abs(float(virtual_prompt(enc).source.embedding.weight.std()) - 1.0) < 0.1
+    torch.manual_seed(0)
+    dec, _, _ = apply_method(_tiny_causal_lm(), "p_tuning_v2", _params("p_tuning_v2"))
+    torch.manual_seed(0)
+    ref, _, _ = apply_method(_tiny_causal_lm(), "p_tuning_v2", _params("p_tuning_v2", init="vocab"))
+    torch.testing.assert_close(virtual_prompt(dec).source.embedding.weight, virtual_prompt(ref).source.embedding.weight)
     with pytest.raises(ValueError, match="init must be one of"):
         apply_method(_tiny_causal_lm(), "p_tuning_v2", _params("p_tuning_v2", init="zeros"))
 
