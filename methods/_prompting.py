@@ -289,6 +289,19 @@ class NoKeyValueCache(ValueError):
 
 
 @torch.no_grad()
+def returns_key_value_cache(model: nn.Module) -> bool:
+    """Whether a forward pass gives back a key/value cache (decoders do, encoders do not). Runs the
+    model on one token in eval mode: it draws no random numbers, so an encoder's initialisation
+    afterwards is what it would have been without the question."""
+    was = model.training
+    model.eval()
+    out = model(input_ids=torch.zeros(1, 1, dtype=torch.long,
+                                      device=model.get_input_embeddings().weight.device), use_cache=True)
+    model.train(was)
+    return bool(getattr(getattr(out, "past_key_values", None), "layers", None))
+
+
+@torch.no_grad()
 def prefix_from_tokens(model: nn.Module, ids: torch.Tensor, dims: Dims) -> torch.Tensor:
     """The keys and values the frozen model computes for the tokens ``ids`` (``L``), laid out as a
     prefix source's output ``(L, layers * 2 * kv_dim)`` (Li & Liang's initialisation from the

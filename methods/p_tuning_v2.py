@@ -32,7 +32,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from methods._prompting import Dims, EmbeddingSource, NoKeyValueCache, PromptMethod, prefix_from_tokens
+from methods._prompting import (Dims, EmbeddingSource, PromptMethod, prefix_from_tokens,
+                               returns_key_value_cache)
 
 INITS = ("auto", "random", "vocab")
 
@@ -48,12 +49,10 @@ class PTuningV2(PromptMethod):
         n, init = int(self.params["num_virtual_tokens"]), self.params["init"]
         if init not in INITS:
             raise ValueError(f"init must be one of {INITS}, got {init!r}")
+        if init == "auto":
+            init = "vocab" if returns_key_value_cache(model) else "random"
         rows = None
-        if init in ("vocab", "auto"):
+        if init == "vocab":
             vocab = model.get_input_embeddings().weight.shape[0]
-            try:
-                rows = prefix_from_tokens(model, torch.randint(0, vocab, (n,)), dims)
-            except NoKeyValueCache:
-                if init == "vocab":
-                    raise
+            rows = prefix_from_tokens(model, torch.randint(0, vocab, (n,)), dims)
         return EmbeddingSource(n, dims.prefix_width, rows)
