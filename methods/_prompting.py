@@ -284,37 +284,34 @@ class PromptMethod(Method):
         return None
 
 
-class NoKeyValueCache(ValueError):
-    """The model returns no key/value cache (an encoder): no prefix from its activations."""
-
-
 @torch.no_grad()
-def returns_key_value_cache(model: nn.Module) -> bool:
-    """Whether a forward pass gives back a key/value cache (decoders do, encoders do not). Runs the
-    model on one token in eval mode: it draws no random numbers, so an encoder's initialisation
-    afterwards is what it would have been without the question."""
+def _cache_of(model: nn.Module, ids: torch.Tensor) -> Any:
+    """The key/value cache of one eval-mode forward over ``ids`` (1-D), or None (encoders give
+    none). Eval mode draws no random numbers."""
     was = model.training
     model.eval()
-    out = model(input_ids=torch.zeros(1, 1, dtype=torch.long,
-                                      device=model.get_input_embeddings().weight.device), use_cache=True)
+    out = model(input_ids=ids.view(1, -1).to(model.get_input_embeddings().weight.device), use_cache=True)
     model.train(was)
-    return bool(getattr(getattr(out, "past_key_values", None), "layers", None))
+    cache = getattr(out, "past_key_values", None)
+    return cache if getattr(cache, "layers", None) else None
 
 
-@torch.no_grad()
+def returns_key_value_cache(model: nn.Module) -> bool:
+    """Whether a forward pass gives back a key/value cache (decoders do, encoders do not). Asks
+    on one token without drawing random numbers, so an encoder's initialisation afterwards is
+    what it would have been without the question."""
+    return _cache_of(model, torch.zeros(1, dtype=torch.long)) is not None
+
+
 def prefix_from_tokens(model: nn.Module, ids: torch.Tensor, dims: Dims) -> torch.Tensor:
     """The keys and values the frozen model computes for the tokens ``ids`` (``L``), laid out as a
     prefix source's output ``(L, layers * 2 * kv_dim)`` (Li & Liang's initialisation from the
     activations of real words). Keys are taken as cached, after rotary embedding at positions
     ``0..L-1``: the positions the prefix occupies, since real tokens start at ``L``. Needs a model
     that returns its key/value cache (a decoder); encoders do not."""
-    was = model.training
-    model.eval()
-    out = model(input_ids=ids.view(1, -1).to(model.get_input_embeddings().weight.device), use_cache=True)
-    model.train(was)
-    cache = getattr(out, "past_key_values", None)
-    if cache is None or not getattr(cache, "layers", None):
-        raise NoKeyValueCache(f"{type(model).__name__} returns no key/value cache, so a prefix cannot be "
+    cache = _cache_of(model, ids)
+    if cache is None:
+        raise ValueError(f"{type(model).__name__} returns no key/value cache, so a prefix cannot be "
                          f"initialised from its activations; use init: random")
     rows = [t for layer in cache.layers for t in (layer.keys, layer.values)]  # 2i keys, 2i+1 values
     kv = torch.stack([t[0] for t in rows])  # (layers*2, kv_heads, L, head_dim)
