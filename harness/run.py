@@ -192,7 +192,8 @@ def execute(config: RunConfig, observers: list[Any] = ()) -> dict[str, Any]:
         for name, content in artifacts.items():
             path = folder / name
             path.write_bytes(content) if isinstance(content, bytes) else path.write_text(content)
-        record["artifacts"] = sorted(str(folder / n) for n in artifacts)
+        # relative to the folder holding the record, so a results folder can be moved or committed
+        record["artifacts"] = sorted(f"{folder.name}/{n}" for n in artifacts)
     record["score"] = task.score(metrics)
     record["eval_seconds"] = time.perf_counter() - t_eval
     record["eval_samples"] = {s: len(r) for s, r in eval_rows.items()}

@@ -359,8 +359,8 @@ def test_runs_through_the_runner_and_writes_generations(method, saved_model, tmp
     assert m["perplexity"] == pytest.approx(math.exp(m["loss"])) and record["score"] == m["rougeL"]
     assert record["params"]["head"] == 0 and record["params"]["method"] > 0
     assert record["data"]["train"]["encoded"] == 16 and record["data"]["dev"]["encoded"] == 3
-    (path,) = record["artifacts"]
-    assert path.endswith("dev-generations.jsonl") and Path(path).parent.name == record["run_id"]
+    assert record["artifacts"] == [f"{record['run_id']}/dev-generations.jsonl"]  # relative: movable
+    path = tmp_path / "runs" / record["artifacts"][0]
     lines = [json.loads(line) for line in Path(path).read_text().splitlines()]
     assert len(lines) == 3 and {"instruction", "reference", "generation", "rougeL"} <= set(lines[0])
     assert sum(x["rougeL"] for x in lines) / 3 == pytest.approx(m["rougeL"])
