@@ -61,7 +61,7 @@ class Task:
     train_split: ClassVar[str] = "train"
     eval_splits: ClassVar[tuple[str, ...]] = ("dev",)
     options: ClassVar[dict[str, Any]] = {}
-    evaluate_before_training: ClassVar[bool] = False
+    evaluate_before_training: bool = False         # class default; a task option may set it
     in_group: ClassVar[bool] = True                # False: runs by name only, not with its group
 
     def __init__(self, options: dict[str, Any] | None = None):

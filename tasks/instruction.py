@@ -36,7 +36,9 @@ Metrics on ``dev``: ``loss`` and ``perplexity`` (mean negative log-likelihood of
 tokens, token-weighted over the split, and its exp), and ``rougeL``: the mean ROUGE-L F1
 (``rouge-score``, stemming on) of greedy generations of at most ``max_new_tokens`` tokens (a task
 option) against the reference outputs. The task's score is ``rougeL``. Generations are saved as
-``dev-generations.jsonl`` beside the run record.
+``dev-generations.jsonl`` beside the run record. The option ``evaluate_before`` (off by default:
+it costs a second evaluation) scores the model once before training too: ``metrics_before`` and
+``before-dev-generations.jsonl``; for methods that start as the base model, the zero-shot baseline.
 """
 from __future__ import annotations
 
@@ -244,7 +246,9 @@ class InstructionTask(Task):
     model_kind: ClassVar[str] = "causal-lm"
     default_model: ClassVar[str] = "smollm2"
     num_labels: ClassVar[int] = 0                  # no classification head: the LM head is scored
-    options: ClassVar[dict[str, Any]] = {"max_new_tokens": 64}
+    # evaluate_before: also score the model as training starts (recorded as metrics_before; for
+    # LoRA-style methods that is the base model, the zero-shot baseline a gain is measured from).
+    options: ClassVar[dict[str, Any]] = {"max_new_tokens": 64, "evaluate_before": False}
     in_group: ClassVar[bool] = True
     relpath: ClassVar[str] = ""                    # under <data root>/instruction/
     parse: ClassVar[Callable[[Any, str], list[Instruction]]] = staticmethod(parse_alpaca)
@@ -255,6 +259,10 @@ class InstructionTask(Task):
         n = self.params["max_new_tokens"]
         if isinstance(n, bool) or not isinstance(n, int) or n < 1:
             raise ValueError(f"{self.name}: max_new_tokens must be a positive integer, got {n!r}")
+        before = self.params["evaluate_before"]
+        if not isinstance(before, bool):
+            raise ValueError(f"{self.name}: evaluate_before must be true or false, got {before!r}")
+        self.evaluate_before_training = before
 
     # -- data ---------------------------------------------------------------------------------------
     def local_file(self, data_dir: str | None) -> Path | None:

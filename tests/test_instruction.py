@@ -237,6 +237,9 @@ def test_bad_options_fail_clearly():
             get_task(TASK, {"max_new_tokens": bad})
     with pytest.raises(ValueError, match="no option 'max_tokens'"):
         get_task(TASK, {"max_tokens": 3})
+    with pytest.raises(ValueError, match="evaluate_before must be true or false, got 'yes'"):
+        get_task(TASK, {"evaluate_before": "yes"})
+    assert not get_task(TASK).evaluate_before_training and get_task(TASK, {"evaluate_before": True}).evaluate_before_training
 
 
 def test_group_is_the_alpaca_format_training_sets():
@@ -365,6 +368,34 @@ def test_runs_through_the_runner_and_writes_generations(method, saved_model, tmp
     assert len(lines) == 3 and {"instruction", "reference", "generation", "rougeL"} <= set(lines[0])
     assert sum(x["rougeL"] for x in lines) / 3 == pytest.approx(m["rougeL"])
     assert record["merge"]["samples"] == 3 and record["merge"]["max_abs_diff"] < 1e-3
+
+
+def test_evaluate_before_scores_the_base_model(saved_model, tmp_path):
+    """LoRA starts as the base model, so its metrics_before are the base model's: the same as the
+    metrics of a run that never moves it (lr 0), and different from what training reached."""
+    from harness.config import resolve
+    from harness.plugins import get_method
+    from harness.run import run_and_record
+
+    write_data(tmp_path / "data")
+
+    def run(**overrides):
+        config = resolve("lora", TASK, get_method("lora").defaults, "smoke",
+                         {"max_train_samples": 16, "max_eval_samples": 3, "max_length": 128,
+                          "batch_size": 4, "eval_batch_size": 2, "max_new_tokens": 3, **overrides},
+                         model=str(saved_model), device="cpu", data_dir=str(tmp_path / "data"),
+                         output_dir=str(tmp_path / "runs"))
+        record = run_and_record(config)
+        assert record["status"] == "ok", record.get("traceback")
+        return record
+
+    trained = run(evaluate_before=True, lr=1e-2)
+    untouched = run(lr=0.0)
+    assert "metrics_before" not in untouched
+    assert trained["metrics_before"] == pytest.approx(untouched["metrics"], rel=1e-5)
+    assert trained["metrics_before"]["loss"] != pytest.approx(trained["metrics"]["loss"], rel=1e-3)
+    assert sorted(trained["artifacts"]) == [f"{trained['run_id']}/before-dev-generations.jsonl",
+                                            f"{trained['run_id']}/dev-generations.jsonl"]
 
 
 def test_report_shows_rouge_in_percent_and_perplexity_as_is():
