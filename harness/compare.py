@@ -32,7 +32,7 @@ import yaml
 from harness.config import CONFIG_DIR
 from harness.leaderboard import DEFAULT_REFERENCE, GOOD, _num, relative_step_time
 from harness.records import read_records
-from harness.report import UNSCALED, _metric_label, aggregate_seeds, runs_frame, to_markdown
+from harness.report import _metric_label, aggregate_seeds, runs_frame, to_markdown, unscaled
 
 DEFAULT_TOLERANCES = CONFIG_DIR / "compare.yaml"
 TOLERANCE_KEYS = ("metric_drop_points", "lower_better_rise", "memory_rise", "memory_rise_mib",
@@ -149,7 +149,7 @@ def config_changes(base: dict[str, Any], cur: dict[str, Any]) -> list[str]:
 
 
 def _lower_better(metric: str) -> bool:
-    return metric.rpartition("/")[2].partition("_")[0] in UNSCALED
+    return unscaled(metric)
 
 
 @dataclass

@@ -23,8 +23,8 @@ from typing import Any, Iterable
 import numpy as np
 import pandas as pd
 
-from harness.report import (UNSCALED, MeanSd, _metric_label, aggregate_seeds, memory_chart_html,
-                            runs_frame, summary_frame, to_markdown)
+from harness.report import (MeanSd, _metric_label, aggregate_seeds, memory_chart_html,
+                            runs_frame, summary_frame, to_markdown, unscaled)
 
 def default_reference() -> str:
     """The method whose step time the others' is divided by: ``reference_method`` in
@@ -70,7 +70,7 @@ def _metric_text(row: pd.Series) -> str:
     for c in row.index:
         if c.startswith("metric:") and _num(row[c]) is not None:
             name = c[7:]
-            scale = 1 if name.rpartition("/")[2].partition("_")[0] in UNSCALED else 100
+            scale = 1 if unscaled(name) else 100
             sd = _num(row.get(f"sd:{c}"))
             parts.append(f"{_metric_label(row['task'], name)} {float(row[c]) * scale:.2f}"
                          + (f" ± {sd * scale:.2f}" if sd is not None else ""))

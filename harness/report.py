@@ -22,8 +22,14 @@ import pandas as pd
 
 ABBREV = {"accuracy": "acc", "matthews": "mcc", "pearson": "pearson", "spearman": "spearman",
           "f1": "f1", "perplexity": "ppl"}
-# Metrics not on a 0-1 scale: shown as they are, not in percent.
+# Metrics not on a 0-1 scale: shown as they are, not in percent (and lower is better).
 UNSCALED = {"loss", "perplexity"}
+
+
+def unscaled(metric: str) -> bool:
+    """Whether a metric key is one of ``UNSCALED``, however it is qualified: ``perplexity_1k``
+    (a size), ``sst2/loss`` (a suite member), ``loss@before`` (the model before training)."""
+    return metric.removesuffix(BEFORE).rpartition("/")[2].partition("_")[0] in UNSCALED
 
 
 def runs_frame(records: list[dict[str, Any]]) -> pd.DataFrame:
@@ -248,7 +254,7 @@ def summary_frame(df: pd.DataFrame, method_order: list[str] | None = None) -> pd
                 elif row["seeds"] == 0:
                     table[m][label] = "failed"
                 elif c is not None and pd.notna(row[c]):
-                    scale = 1 if c[7:].partition("_")[0] in UNSCALED else 100
+                    scale = 1 if unscaled(c[7:]) else 100
                     table[m][label] = _value(row, c, scale)
     seeded = bool((df["seeds_run"] > 1).any())
     if seeded:  # cells keep their MeanSd (a float column would drop the spread)

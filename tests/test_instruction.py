@@ -239,7 +239,8 @@ def test_bad_options_fail_clearly():
         get_task(TASK, {"max_tokens": 3})
     with pytest.raises(ValueError, match="evaluate_before must be true or false, got 'yes'"):
         get_task(TASK, {"evaluate_before": "yes"})
-    assert not get_task(TASK).evaluate_before_training and get_task(TASK, {"evaluate_before": True}).evaluate_before_training
+    assert not get_task(TASK).evaluate_before_training
+    assert get_task(TASK, {"evaluate_before": True}).evaluate_before_training
 
 
 def test_group_is_the_alpaca_format_training_sets():
@@ -364,7 +365,7 @@ def test_runs_through_the_runner_and_writes_generations(method, saved_model, tmp
     assert record["data"]["train"]["encoded"] == 16 and record["data"]["dev"]["encoded"] == 3
     assert record["artifacts"] == [f"{record['run_id']}/dev-generations.jsonl"]  # relative: movable
     path = tmp_path / "runs" / record["artifacts"][0]
-    lines = [json.loads(line) for line in Path(path).read_text().splitlines()]
+    lines = [json.loads(line) for line in path.read_text().splitlines()]
     assert len(lines) == 3 and {"instruction", "reference", "generation", "rougeL"} <= set(lines[0])
     assert sum(x["rougeL"] for x in lines) / 3 == pytest.approx(m["rougeL"])
     assert record["merge"]["samples"] == 3 and record["merge"]["max_abs_diff"] < 1e-3
@@ -408,6 +409,11 @@ def test_report_shows_rouge_in_percent_and_perplexity_as_is():
     row = table.loc["lora"]
     assert row["code_alpaca_2k rougeL"] == 25.0 and row["code_alpaca_2k ppl"] == 7.39
     assert row["code_alpaca_2k loss"] == 2.0 and row["avg score"] == 25.0
+    # a model scored before training too: its loss and perplexity stay unscaled as well
+    record["metrics_before"] = {"rougeL": 0.125, "loss": 3.0, "perplexity": 20.09}
+    row = summary_frame(runs_frame([record])).loc["lora"]
+    assert row["code_alpaca_2k rougeL before"] == 12.5 and row["code_alpaca_2k ppl before"] == 20.09
+    assert row["code_alpaca_2k loss before"] == 3.0
 
 
 # -- lm-evaluation-harness ----------------------------------------------------------------------
